@@ -1,0 +1,245 @@
+"""One seeded run: a benchmark stream, a backbone, a strategy → one result record (JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import re
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+from strategies.registry import ConfigError, Options
+
+SECTIONS = ("benchmark", "backbone", "strategy", "train")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that determines a run. ``*_options`` are validated against the named component's options."""
+
+    benchmark: str = "split-fmnist"
+    backbone: str = "efficientnet-lite0"
+    strategy: str = "naive"
+    seed: int = 0  # training seed: initialisation, data order, sampling
+    stream_seed: int = 0  # class order and training subsample
+    benchmark_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    backbone_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    strategy_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    device: str = "cpu"
+    threads: int | None = 1  # torch intra-op threads; None keeps torch's default
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a run config must be a mapping, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown run config key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        cfg = cls(**data)
+        for key in ("seed", "stream_seed"):
+            value = getattr(cfg, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
+        for key in ("benchmark_options", "backbone_options", "strategy_options", "train"):
+            if not isinstance(getattr(cfg, key), dict):
+                raise ConfigError(f"{key} must be a mapping, got {getattr(cfg, key)!r}")
+        if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
+            raise ConfigError(f"threads must be a positive integer or null, got {cfg.threads!r}")
+        return cfg
+
+    def resolve(self) -> "ResolvedRun":
+        """Look up every name and validate every option (cheap: imports the registries, builds nothing)."""
+        from bench.backbones import BACKBONES
+        from bench.benchmarks import BENCHMARKS
+        from strategies.common import TrainConfig
+        from strategies.registry import STRATEGIES
+
+        return ResolvedRun(
+            config=self,
+            benchmark=BENCHMARKS[self.benchmark].options.from_dict(self.benchmark_options, f"benchmark {self.benchmark!r}"),
+            backbone=BACKBONES[self.backbone].options.from_dict(self.backbone_options, f"backbone {self.backbone!r}"),
+            strategy=STRATEGIES[self.strategy].options.from_dict(self.strategy_options, f"strategy {self.strategy!r}"),
+            train=TrainConfig.from_dict(self.train, "train"),
+        )
+
+
+@dataclasses.dataclass
+class ResolvedRun:
+    config: RunConfig
+    benchmark: Options
+    backbone: Options
+    strategy: Options
+    train: Options
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full config with every default filled in (what a record stores and its id hashes)."""
+        c = self.config
+        return {
+            "benchmark": c.benchmark,
+            "backbone": c.backbone,
+            "strategy": c.strategy,
+            "seed": c.seed,
+            "stream_seed": c.stream_seed,
+            "benchmark_options": self.benchmark.to_dict(),
+            "backbone_options": self.backbone.to_dict(),
+            "strategy_options": self.strategy.to_dict(),
+            "train": self.train.to_dict(),
+            "device": c.device,
+            "threads": c.threads,
+        }
+
+    def run_id(self) -> str:
+        c = self.config
+        digest = config_hash(self.to_dict())
+        return f"{c.benchmark}_{c.backbone}_{c.strategy}_s{c.seed}_{digest[:10]}"
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Stable content hash of a resolved config (key order and float formatting do not matter)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+_ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/(?:Task\d+/)?Exp(\d+)$")
+
+
+def accuracy_row(metrics: dict[str, Any], n_experiences: int) -> list[float]:
+    """Per-experience test accuracies from Avalanche's ``eval`` result dict."""
+    row: dict[int, float] = {}
+    for key, value in metrics.items():
+        m = _ACC_KEY.match(key)
+        if m:
+            row[int(m.group(1))] = float(value)
+    missing = [i for i in range(n_experiences) if i not in row]
+    if missing:
+        raise RuntimeError(f"evaluation returned no accuracy for experiences {missing}")
+    return [row[i] for i in range(n_experiences)]
+
+
+def _evaluator():
+    import warnings
+
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "No loggers specified": the record is our log
+        return EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
+
+
+def execute(resolved: ResolvedRun, progress: bool = True, on_model=None) -> dict[str, Any]:
+    """Train the stream and return the record (not yet written). ``on_model(strategy, benchmark)`` runs last."""
+    import torch
+    from avalanche.training import JointTraining
+    from tqdm.auto import tqdm
+
+    from bench import metrics as M
+    from bench.backbones import build_backbone
+    from bench.benchmarks import build_benchmark
+    from bench.record import SCHEMA_VERSION, environment, utc_now
+    from strategies.heads import ClassIncrementalNet
+    from strategies.registry import STRATEGIES
+
+    cfg = resolved.config
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device!r} requested but CUDA is not available here")
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+
+    seed_everything(cfg.seed)
+    bm = build_benchmark(cfg.benchmark, resolved.benchmark, cfg.stream_seed)
+    backbone = build_backbone(cfg.backbone, resolved.backbone)
+    seed_everything(cfg.seed)  # the same state whether the backbone came from the cache or was just built
+    model = ClassIncrementalNet(backbone)
+    strategy = STRATEGIES[cfg.strategy].factory(
+        model, resolved.strategy, resolved.train, evaluator=_evaluator(), device=cfg.device
+    )
+    train_stream, test_stream = list(bm.train_stream), bm.test_stream
+    n_exp = len(train_stream)
+    setup_wall = time.perf_counter() - wall0
+
+    steps = [train_stream] if isinstance(strategy, JointTraining) else [[e] for e in train_stream]
+    matrix, timings = [], []
+    bar = tqdm(steps, desc=f"{cfg.strategy} on {cfg.benchmark}", unit="exp", disable=not progress, leave=False)
+    for i, experiences in enumerate(bar):
+        t, c = time.perf_counter(), time.process_time()
+        strategy.train(experiences, eval_streams=[])
+        train_wall, train_cpu = time.perf_counter() - t, time.process_time() - c
+        t = time.perf_counter()
+        row = accuracy_row(strategy.eval(test_stream), n_exp)
+        matrix.append(row)
+        timings.append({
+            "step": i,
+            "experiences": [e.current_experience for e in experiences],
+            "train_wall_s": round(train_wall, 4),
+            "train_cpu_s": round(train_cpu, 4),
+            "eval_wall_s": round(time.perf_counter() - t, 4),
+        })  # fmt: skip
+        bar.set_postfix(acc=f"{sum(row[: i + 1]) / (i + 1):.3f}")
+    if on_model is not None:
+        on_model(strategy, bm)
+
+    if len(matrix) == n_exp:
+        metrics = M.summarize(matrix)
+    else:  # joint training: one step over the whole stream, so only final accuracies exist
+        metrics = {"final_average_accuracy": float(sum(matrix[-1]) / n_exp), "forgetting": None, "bwt": None,
+                   "accuracy_curve": None}  # fmt: skip
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    record = {
+        "schema": SCHEMA_VERSION,
+        "run_id": resolved.run_id(),
+        "status": "complete",
+        "created": utc_now(),
+        "config": resolved.to_dict(),
+        "config_hash": config_hash(resolved.to_dict()),
+        "seeds": {"seed": cfg.seed, "stream_seed": cfg.stream_seed},
+        "stream": getattr(bm, "info", {}) | {"n_experiences": n_exp},
+        "accuracy_matrix": matrix,
+        "metrics": metrics,
+        "timing": {
+            "setup_wall_s": round(setup_wall, 4),
+            "steps": timings,
+            "total_wall_s": round(time.perf_counter() - wall0, 4),
+            "total_cpu_s": round(time.process_time() - cpu0, 4),
+        },
+        "peak_memory_mb": round(peak_kb / 1024, 1),
+        "peak_cuda_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "environment": environment(),
+    }
+    extra = getattr(strategy, "record_extras", None)
+    if callable(extra):
+        record["strategy_extras"] = extra()
+    return record
+
+
+def default_record_path(resolved: ResolvedRun, runs_dir: str | Path = "runs") -> Path:
+    return Path(runs_dir) / resolved.run_id() / "record.json"
+
+
+def run(config: RunConfig | dict, out: str | Path | None = None, runs_dir: str | Path = "runs", progress: bool = True) -> tuple[Path, dict]:
+    """Validate, refuse an existing output path, train, and write the record atomically (never overwriting)."""
+    from bench.record import RecordExistsError, write_json_atomic
+
+    cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
+    resolved = cfg.resolve()
+    path = Path(out) if out is not None else default_record_path(resolved, runs_dir)
+    if path.exists():
+        raise RecordExistsError(f"{path} already exists; records are never overwritten (choose another --out)")
+    record = execute(resolved, progress=progress)
+    write_json_atomic(path, record)
+    return path, record
