@@ -85,7 +85,7 @@ class EfficientNetLite0(FrozenBatchNormMixin, nn.Module):
         self.net = EfficientNet.from_name(
             "efficientnet-lite0", image_size=options.image_size, drop_connect_rate=options.drop_connect_rate
         )
-        self.net.set_swish(memory_efficient=False)  # plain autograd: works with torch.func transforms
+        # Lite models use ReLU6 (no swish, no squeeze-excitation); never call set_swish(), it would replace it.
         if options.pretrained:
             state = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
             state = {k: v for k, v in state.items() if not k.startswith("_fc.")}

@@ -17,7 +17,9 @@ SLURM_PORTS="6817 6818 6819"      # slurmctld, slurmd, slurmdbd
 # Daemons in start order; stop order is the reverse.
 DAEMONS="munged mariadbd slurmdbd slurmctld slurmd"
 
-log()  { echo "[$(date +%H:%M:%S)] $PROG: $*"; }
+T0=$(date +%s.%N)
+# log MESSAGE: "[HH:MM:SS +elapsed] prog: MESSAGE" on stdout
+log()  { echo "[$(date +%H:%M:%S) +$(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')s] $PROG: $*"; }
 warn() { echo "$PROG: WARNING: $*" >&2; }
 
 # Process start time (clock ticks since boot, field 22 of /proc/PID/stat).

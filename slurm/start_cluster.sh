@@ -20,7 +20,6 @@ LINK_ETC="${SLURM_LINK_ETC:-1}"
 PARTITION=debug
 CLUSTER=clbench
 PACKAGES="slurmctld slurmd slurm-client munge slurmdbd mariadb-server"
-T0=$(date +%s.%N)
 
 # die MESSAGE [LOGFILE]: one-line error, then the tail of the relevant log.
 die() {
@@ -154,7 +153,7 @@ done
 
 # ---------------------------------------------------------------- 3. already running?
 munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
-node_state() { slurm_env sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -n 1; }
+node_state() { { timeout 5 env SLURM_CONF="$CONF" sinfo -h -N -n "$NODE" -o %T 2>/dev/null || true; } | head -n 1; }
 usable_state() { case "$1" in idle|mixed|allocated|completing) return 0 ;; esac; return 1; }
 
 all_ours=1
@@ -291,17 +290,27 @@ start_slurm() {
     log "$name started (pid $(cat "$PIDS/$name.pid"))"
 }
 start_slurm slurmdbd 6819
+if ! our_pid slurmctld >/dev/null && our_pid slurmd >/dev/null; then
+    # Only slurmctld died: a running slurmd would re-register only after several seconds.
+    start_slurm slurmctld 6817
+    slurm_env scontrol reconfigure >/dev/null 2>&1 || true
+fi
 start_slurm slurmctld 6817
 start_slurm slurmd 6818 -N "$NODE"
 
 # ---------------------------------------------------------------- 7. wait for the node
-resumed=0
+resumed=0 restarted=" "
 deadline=$(( $(date +%s) + WAIT_S ))
 while :; do
     st=$(node_state)
     usable_state "$st" && break
     for d in slurmctld slurmd; do
-        our_pid "$d" >/dev/null || die "$d exited while waiting for node $NODE" "$LOGS/$d.log"
+        our_pid "$d" >/dev/null && continue
+        # e.g. a daemon that was still shutting down when this script found it alive
+        [[ "$restarted" != *" $d "* ]] || die "$d exited while waiting for node $NODE" "$LOGS/$d.log"
+        restarted="$restarted$d "
+        log "$d exited while waiting for node $NODE; starting it again"
+        if [ "$d" = slurmctld ]; then start_slurm slurmctld 6817; else start_slurm slurmd 6818 -N "$NODE"; fi
     done
     case "$st" in
         down*|drain*|fail*)

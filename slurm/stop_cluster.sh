@@ -20,12 +20,15 @@ for a in "$@"; do
     esac
 done
 STOP_WAIT_S="${SLURM_STOP_WAIT_S:-20}"
-T0=$(date +%s.%N)
 [ "$(id -u)" = 0 ] || { echo "$PROG: ERROR: must run as root" >&2; exit 1; }
 [[ "$BASE" = /* ]] && [ "$BASE" != / ] || { echo "$PROG: ERROR: bad SLURM_BASE '$BASE'" >&2; exit 1; }
 
-if [ ! -d "$BASE" ]; then
-    log "nothing to stop ($BASE does not exist)"
+if [ ! -f "$MARKER" ]; then
+    if [ "$PURGE" = 1 ] && [ -e "$BASE" ]; then
+        echo "$PROG: ERROR: $BASE was not created by start_cluster.sh (no $MARKER); not deleting it" >&2
+        exit 1
+    fi
+    log "nothing to stop (no cluster state in $BASE)"
     exit 0
 fi
 exec 9>"$BASE/.lock"
