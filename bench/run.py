@@ -141,8 +141,12 @@ def _evaluator():
         return EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
 
 
-def execute(resolved: ResolvedRun, progress: bool = True, on_model=None) -> dict[str, Any]:
-    """Train the stream and return the record (not yet written). ``on_model(strategy, benchmark)`` runs last."""
+def execute(resolved: ResolvedRun, progress: bool = True, artifacts_dir: Path | None = None) -> dict[str, Any]:
+    """Train the stream and return the record (not yet written).
+
+    Strategies may expose ``record_extras() -> dict`` (stored under ``strategy_extras``) and
+    ``save_artifacts(folder) -> list[str]`` (e.g. task vectors; called when ``artifacts_dir`` is given).
+    """
     import torch
     from avalanche.training import JointTraining
     from tqdm.auto import tqdm
@@ -191,8 +195,9 @@ def execute(resolved: ResolvedRun, progress: bool = True, on_model=None) -> dict
             "eval_wall_s": round(time.perf_counter() - t, 4),
         })  # fmt: skip
         bar.set_postfix(acc=f"{sum(row[: i + 1]) / (i + 1):.3f}")
-    if on_model is not None:
-        on_model(strategy, bm)
+    artifacts = []
+    if artifacts_dir is not None and callable(getattr(strategy, "save_artifacts", None)):
+        artifacts = strategy.save_artifacts(Path(artifacts_dir))
 
     if len(matrix) == n_exp:
         metrics = M.summarize(matrix)
@@ -224,6 +229,8 @@ def execute(resolved: ResolvedRun, progress: bool = True, on_model=None) -> dict
     extra = getattr(strategy, "record_extras", None)
     if callable(extra):
         record["strategy_extras"] = extra()
+    if artifacts:
+        record["artifacts"] = artifacts
     return record
 
 
@@ -240,6 +247,6 @@ def run(config: RunConfig | dict, out: str | Path | None = None, runs_dir: str |
     path = Path(out) if out is not None else default_record_path(resolved, runs_dir)
     if path.exists():
         raise RecordExistsError(f"{path} already exists; records are never overwritten (choose another --out)")
-    record = execute(resolved, progress=progress)
+    record = execute(resolved, progress=progress, artifacts_dir=path.parent)
     write_json_atomic(path, record)
     return path, record

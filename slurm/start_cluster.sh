@@ -151,6 +151,32 @@ for f in slurm.conf slurmdbd.conf cgroup.conf; do
     cmp -s "$NEW/$f" "$ETC/$f" || changed="$changed $f"
 done
 
+# ---------------------------------------------------------------- /etc/slurm symlinks
+# Plain sbatch/srun/sacct read /etc/slurm/slurm.conf: link it (and slurmdbd.conf) to ours, but only
+# where the path is free, a dangling symlink, or already our symlink. Links we own go to $LINKS_FILE.
+link_status=""
+link_etc() {
+    local f link target
+    [ "$LINK_ETC" = 1 ] || return 0
+    mkdir -p /etc/slurm
+    touch "$LINKS_FILE"
+    for f in slurm.conf slurmdbd.conf; do
+        link=/etc/slurm/$f target=$ETC/$f
+        if [ -L "$link" ] && [ "$(readlink "$link")" = "$target" ]; then
+            :
+        elif [ -L "$link" ] && [ ! -e "$link" ]; then
+            ln -sfn "$target" "$link"          # dangling symlink (e.g. an old, purged BASE)
+        elif [ -e "$link" ] || [ -L "$link" ]; then
+            warn "$link exists and is not ours; left alone (use SLURM_CONF=$CONF)"
+            link_status=" (/etc/slurm/$f not linked)"
+            continue
+        else
+            ln -s "$target" "$link"
+        fi
+        grep -qxF "$link" "$LINKS_FILE" || echo "$link" >>"$LINKS_FILE"
+    done
+}
+
 # ---------------------------------------------------------------- 3. already running?
 munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
 node_state() { { timeout 5 env SLURM_CONF="$CONF" sinfo -h -N -n "$NODE" -o %T 2>/dev/null || true; } | head -n 1; }
@@ -166,7 +192,8 @@ if [ "$all_ours" = 1 ] && munge_ok; then
             die "cluster in $BASE is running but its configuration would change ($changed ); run stop_cluster.sh first"
         fi
         rm -rf "$NEW"
-        log "cluster already running and healthy (node $NODE $st, partition $PARTITION)"
+        link_etc
+        log "cluster already running and healthy (node $NODE $st, partition $PARTITION)$link_status"
         echo "export SLURM_CONF=$CONF"
         exit 0
     fi
@@ -323,27 +350,6 @@ while :; do
     sleep 0.2
 done
 
-# ---------------------------------------------------------------- 8. /etc/slurm symlinks
-link_status=""
-if [ "$LINK_ETC" = 1 ]; then
-    mkdir -p /etc/slurm
-    touch "$LINKS_FILE"
-    for f in slurm.conf slurmdbd.conf; do
-        link=/etc/slurm/$f target=$ETC/$f
-        if [ -L "$link" ] && [ "$(readlink "$link")" = "$target" ]; then
-            :
-        elif [ -L "$link" ] && [ ! -e "$link" ]; then
-            ln -sfn "$target" "$link"          # dangling symlink (e.g. an old, purged BASE)
-        elif [ -e "$link" ] || [ -L "$link" ]; then
-            warn "$link exists and is not ours; left alone (use SLURM_CONF=$CONF)"
-            link_status=" (/etc/slurm/$f not linked)"
-            continue
-        else
-            ln -s "$target" "$link"
-        fi
-        grep -qxF "$link" "$LINKS_FILE" || echo "$link" >>"$LINKS_FILE"
-    done
-fi
-
+link_etc
 log "cluster up in $(elapsed) s: node $NODE ($CPUS CPUs, ${MEM} MB, DefMemPerCPU=$DEF_MEM) $st, partition $PARTITION$link_status"
 echo "export SLURM_CONF=$CONF"
