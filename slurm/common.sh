@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034
 # Shared helpers for start_cluster.sh / stop_cluster.sh. Sourced, not executed.
 
 BASE="${SLURM_BASE:-/tmp/clbench-slurm}"
@@ -12,10 +12,6 @@ MARKER="$BASE/.clbench-slurm"     # proves a directory was made by start_cluster
 LINKS_FILE="$BASE/links"          # /etc paths that start_cluster.sh symlinked
 DB_PORT="${SLURM_DB_PORT:-3307}"
 MYSQL_SOCK="$BASE/mysqlrun/mysqld.sock"
-SLURM_PORTS="6817 6818 6819"      # slurmctld, slurmd, slurmdbd
-
-# Daemons in start order; stop order is the reverse.
-DAEMONS="munged mariadbd slurmdbd slurmctld slurmd"
 
 T0=$(date +%s.%N)
 # log MESSAGE: "[HH:MM:SS +elapsed] prog: MESSAGE" on stdout
@@ -73,8 +69,13 @@ record_pid() {   # record_pid NAME PID
 
 forget_pid() { rm -f "$PIDS/$1.pid" "$PIDS/$1.start"; }
 
-port_open() {    # is something accepting TCP connections on 127.0.0.1:PORT ?
-    timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+# Is some socket LISTENing on TCP port PORT (any address)? Reads /proc/net/tcp{,6} rather than
+# connecting, because a probe connection makes the slurm daemons log "Zero Bytes were transmitted".
+port_open() {
+    local hex
+    hex=$(printf ':%04X' "$1")
+    awk -v p="$hex" 'FNR > 1 && $4 == "0A" && substr($2, length($2) - 4) == p { f = 1 } END { exit !f }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
 
 # Client-side environment: always talk to *our* cluster, whatever /etc/slurm holds.

@@ -52,6 +52,7 @@ done
 if [ -n "$missing" ]; then
     log "installing packages:$missing (apt log: $LOGS/apt.log)"
     export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2086
     {
         apt-get update &&
         apt-get install -y --no-install-recommends -o Dpkg::Options::=--force-confold $PACKAGES
@@ -212,7 +213,7 @@ fi
 ensure_port_free() {
     if port_open "$2"; then
         local who
-        who=$(ss -ltnpH "sport = :$2" 2>/dev/null | sed -nE 's/.*users:\(\("([^"]+)",pid=([0-9]+).*/\1 (pid \2)/p' | head -n 1)
+        who=$({ ss -ltnpH "sport = :$2" 2>/dev/null || true; } | sed -nE 's/.*users:\(\("([^"]+)",pid=([0-9]+).*/\1 (pid \2)/p' | head -n 1)
         die "cannot start $1: port $2 is already in use by ${who:-another process} that this script did not start"
     fi
 }
@@ -286,7 +287,12 @@ if ! our_pid mariadbd >/dev/null; then
         --socket="$MYSQL_SOCK" --port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve \
         --pid-file="$BASE/mysqlrun/mariadbd.pid" --log-error="$MYLOG" \
         </dev/null >/dev/null 2>&1 9>&- &
-    record_pid mariadbd $!
+    pid=$!
+    for ((i = 0; i < 100; i++)); do   # until the forked shell has exec'd mariadbd
+        [ "$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/cmdline" | head -n 1)" = /usr/sbin/mariadbd ] && break
+        sleep 0.02
+    done
+    record_pid mariadbd "$pid"
     for ((i = 0; i < 300; i++)); do
         mariadb-admin --no-defaults --socket="$MYSQL_SOCK" -uroot ping >/dev/null 2>&1 && break
         our_pid mariadbd >/dev/null || die "mariadbd exited during startup" "$MYLOG"
@@ -294,7 +300,9 @@ if ! our_pid mariadbd >/dev/null; then
     done
     mariadb-admin --no-defaults --socket="$MYSQL_SOCK" -uroot ping >/dev/null 2>&1 \
         || die "mariadbd does not answer on $MYSQL_SOCK after 30 s" "$MYLOG"
-    log "mariadbd started (pid $(cat "$PIDS/mariadbd.pid"), port $DB_PORT)"
+    [ "$(cat "$BASE/mysqlrun/mariadbd.pid" 2>/dev/null)" = "$pid" ] \
+        || warn "mariadbd pid file says $(cat "$BASE/mysqlrun/mariadbd.pid" 2>/dev/null), expected $pid"
+    log "mariadbd started (pid $pid, port $DB_PORT)"
 fi
 mariadb --no-defaults --socket="$MYSQL_SOCK" -uroot >"$LOGS/mariadb-grant.log" 2>&1 <<EOF || die "creating the slurm database user failed" "$LOGS/mariadb-grant.log"
 CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
