@@ -8,7 +8,9 @@ import json
 import random
 import re
 import resource
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,22 +143,25 @@ def _evaluator():
         return EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
 
 
-def execute(resolved: ResolvedRun, progress: bool = True, artifacts_dir: Path | None = None) -> dict[str, Any]:
+def execute(
+    resolved: ResolvedRun,
+    progress: bool = True,
+    artifacts_dir: Path | None = None,
+    checkpoint_path: Path | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Train the stream and return the record (not yet written).
 
     Strategies may expose ``record_extras() -> dict`` (stored under ``strategy_extras``) and
     ``save_artifacts(folder) -> list[str]`` (e.g. task vectors; called when ``artifacts_dir`` is given).
+
+    With ``checkpoint_path``, the complete training state is saved there after every experience (see
+    :mod:`bench.checkpoint`), and a checkpoint already there (of the same config) is resumed: the record of a
+    resumed run has the same accuracy matrix and metrics as an uninterrupted one, plus a ``resumes`` entry.
+    ``on_step(done, total)`` is called after each training step (e.g. to report progress).
     """
     import torch
-    from avalanche.training import JointTraining
     from tqdm.auto import tqdm
-
-    from bench import metrics as M
-    from bench.backbones import build_backbone
-    from bench.benchmarks import build_benchmark
-    from bench.record import SCHEMA_VERSION, environment, utc_now
-    from strategies.heads import ClassIncrementalNet
-    from strategies.registry import STRATEGIES
 
     cfg = resolved.config
     if cfg.threads is not None:
@@ -165,40 +170,134 @@ def execute(resolved: ResolvedRun, progress: bool = True, artifacts_dir: Path | 
         raise ConfigError(f"device {cfg.device!r} requested but CUDA is not available here")
     wall0, cpu0 = time.perf_counter(), time.process_time()
 
-    seed_everything(cfg.seed)
-    bm = build_benchmark(cfg.benchmark, resolved.benchmark, cfg.stream_seed)
-    backbone = build_backbone(cfg.backbone, resolved.backbone)
-    seed_everything(cfg.seed)  # the same state whether the backbone came from the cache or was just built
-    model = ClassIncrementalNet(backbone)
-    strategy = STRATEGIES[cfg.strategy].factory(
-        model, resolved.strategy, resolved.train, evaluator=_evaluator(), device=cfg.device
-    )
-    train_stream, test_stream = list(bm.train_stream), bm.test_stream
-    n_exp = len(train_stream)
+    session = _Session.build(resolved)
+    loop = _new_loop(resolved, len(session.steps))
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        loop = _resume(Path(checkpoint_path), session, resolved) or loop
     setup_wall = time.perf_counter() - wall0
+    earlier_wall, earlier_cpu = loop["wall_s"], loop["cpu_s"]  # spent by earlier attempts up to their checkpoint
 
-    steps = [train_stream] if isinstance(strategy, JointTraining) else [[e] for e in train_stream]
-    matrix, timings = [], []
-    bar = tqdm(steps, desc=f"{cfg.strategy} on {cfg.benchmark}", unit="exp", disable=not progress, leave=False)
-    for i, experiences in enumerate(bar):
+    n_steps, n_exp = len(session.steps), session.n_experiences
+    bar = tqdm(total=n_steps, initial=loop["next_step"], desc=f"{cfg.strategy} on {cfg.benchmark}", unit="exp",
+               disable=not progress, leave=False)  # fmt: skip
+    for i in range(loop["next_step"], n_steps):
+        experiences = session.steps[i]
         t, c = time.perf_counter(), time.process_time()
-        strategy.train(experiences, eval_streams=[])
+        session.strategy.train(experiences, eval_streams=[])
         train_wall, train_cpu = time.perf_counter() - t, time.process_time() - c
         t = time.perf_counter()
-        row = accuracy_row(strategy.eval(test_stream), n_exp)
-        matrix.append(row)
-        timings.append({
+        row = accuracy_row(session.strategy.eval(session.test_stream), n_exp)
+        loop["matrix"].append(row)
+        loop["timings"].append({
             "step": i,
             "experiences": [e.current_experience for e in experiences],
             "train_wall_s": round(train_wall, 4),
             "train_cpu_s": round(train_cpu, 4),
             "eval_wall_s": round(time.perf_counter() - t, 4),
         })  # fmt: skip
+        loop["next_step"] = i + 1
+        loop["wall_s"] = earlier_wall + time.perf_counter() - wall0
+        loop["cpu_s"] = earlier_cpu + time.process_time() - cpu0
+        if checkpoint_path is not None:
+            checkpoint_path = _save_checkpoint(Path(checkpoint_path), session, loop)
+        bar.update()
         bar.set_postfix(acc=f"{sum(row[: i + 1]) / (i + 1):.3f}")
+        if on_step is not None:
+            on_step(i + 1, n_steps)
+    bar.close()
     artifacts = []
-    if artifacts_dir is not None and callable(getattr(strategy, "save_artifacts", None)):
-        artifacts = strategy.save_artifacts(Path(artifacts_dir))
+    if artifacts_dir is not None and callable(getattr(session.strategy, "save_artifacts", None)):
+        artifacts = session.strategy.save_artifacts(Path(artifacts_dir))
+    timing = {
+        "setup_wall_s": round(setup_wall, 4),
+        "steps": loop["timings"],
+        "total_wall_s": round(earlier_wall + time.perf_counter() - wall0, 4),
+        "total_cpu_s": round(earlier_cpu + time.process_time() - cpu0, 4),
+    }
+    return _record(resolved, session, loop, timing, artifacts)
 
+
+@dataclasses.dataclass
+class _Session:
+    """What a run trains: the built benchmark and strategy, and the training steps (one per experience, or one for joint)."""
+
+    benchmark: Any
+    strategy: Any
+    test_stream: Any
+    steps: list[list[Any]]
+    n_experiences: int
+
+    @classmethod
+    def build(cls, resolved: ResolvedRun) -> "_Session":
+        from avalanche.training import JointTraining
+
+        from bench.backbones import build_backbone
+        from bench.benchmarks import build_benchmark
+        from strategies.heads import ClassIncrementalNet
+        from strategies.registry import STRATEGIES
+
+        cfg = resolved.config
+        seed_everything(cfg.seed)
+        bm = build_benchmark(cfg.benchmark, resolved.benchmark, cfg.stream_seed)
+        backbone = build_backbone(cfg.backbone, resolved.backbone)
+        seed_everything(cfg.seed)  # the same state whether the backbone came from the cache or was just built
+        model = ClassIncrementalNet(backbone)
+        strategy = STRATEGIES[cfg.strategy].factory(
+            model, resolved.strategy, resolved.train, evaluator=_evaluator(), device=cfg.device
+        )
+        train_stream = list(bm.train_stream)
+        steps = [train_stream] if isinstance(strategy, JointTraining) else [[e] for e in train_stream]
+        return cls(bm, strategy, bm.test_stream, steps, len(train_stream))
+
+
+def _new_loop(resolved: ResolvedRun, n_steps: int) -> dict[str, Any]:
+    return {"config_hash": config_hash(resolved.to_dict()), "n_steps": n_steps, "next_step": 0, "matrix": [],
+            "timings": [], "wall_s": 0.0, "cpu_s": 0.0, "resumes": []}  # fmt: skip
+
+
+def _resume(path: Path, session: _Session, resolved: ResolvedRun) -> dict[str, Any] | None:
+    """Load the checkpoint into ``session``; None (start afresh, with a warning) when it cannot be read."""
+    import sys
+
+    from bench import checkpoint
+    from bench.record import utc_now
+
+    try:
+        loop = checkpoint.load(path, session.strategy, resolved.config.device)
+    except checkpoint.CheckpointError as exc:
+        print(f"bench: warning: {exc}; starting the run from the beginning", file=sys.stderr)
+        fresh = _Session.build(resolved)  # unpickling may have moved the RNGs: rebuild from the seeds
+        session.__dict__.update(fresh.__dict__)
+        return None
+    if loop.get("config_hash") != config_hash(resolved.to_dict()) or loop.get("n_steps") != len(session.steps):
+        raise ConfigError(f"checkpoint {path} belongs to another run config; delete it to start this run afresh")
+    loop["resumes"].append({"from_step": loop["next_step"], "at": utc_now(), "host": socket.gethostname()})
+    return loop
+
+
+def _save_checkpoint(path: Path, session: _Session, loop: dict[str, Any]) -> Path | None:
+    """Checkpoint after a step; on failure warn once and go on without checkpoints (returns None)."""
+    import sys
+
+    from bench import checkpoint
+
+    summary = {"config_hash": loop["config_hash"], "next_step": loop["next_step"], "n_steps": loop["n_steps"]}
+    try:
+        checkpoint.save(path, session.strategy, loop, summary)
+        return path
+    except checkpoint.CheckpointError as exc:
+        print(f"bench: warning: {exc}; this run continues without checkpoints", file=sys.stderr)
+        checkpoint.remove(path)
+        return None
+
+
+def _record(resolved: ResolvedRun, session: _Session, loop: dict[str, Any], timing: dict, artifacts: list) -> dict[str, Any]:
+    import torch
+
+    from bench import metrics as M
+    from bench.record import SCHEMA_VERSION, environment, utc_now
+
+    cfg, matrix, n_exp = resolved.config, loop["matrix"], session.n_experiences
     if len(matrix) == n_exp:
         metrics = M.summarize(matrix)
     else:  # joint training: one step over the whole stream, so only final accuracies exist
@@ -213,24 +312,21 @@ def execute(resolved: ResolvedRun, progress: bool = True, artifacts_dir: Path | 
         "config": resolved.to_dict(),
         "config_hash": config_hash(resolved.to_dict()),
         "seeds": {"seed": cfg.seed, "stream_seed": cfg.stream_seed},
-        "stream": getattr(bm, "info", {}) | {"n_experiences": n_exp},
+        "stream": getattr(session.benchmark, "info", {}) | {"n_experiences": n_exp},
         "accuracy_matrix": matrix,
         "metrics": metrics,
-        "timing": {
-            "setup_wall_s": round(setup_wall, 4),
-            "steps": timings,
-            "total_wall_s": round(time.perf_counter() - wall0, 4),
-            "total_cpu_s": round(time.process_time() - cpu0, 4),
-        },
+        "timing": timing,
         "peak_memory_mb": round(peak_kb / 1024, 1),
         "peak_cuda_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "environment": environment(),
     }
-    extra = getattr(strategy, "record_extras", None)
+    extra = getattr(session.strategy, "record_extras", None)
     if callable(extra):
         record["strategy_extras"] = extra()
     if artifacts:
         record["artifacts"] = artifacts
+    if loop["resumes"]:
+        record["resumes"] = loop["resumes"]
     return record
 
 
@@ -238,8 +334,23 @@ def default_record_path(resolved: ResolvedRun, runs_dir: str | Path = "runs") ->
     return Path(runs_dir) / resolved.run_id() / "record.json"
 
 
+def checkpoint_path_for(record_path: str | Path) -> Path:
+    """Where the run that writes ``record_path`` keeps its checkpoint: ``checkpoint.pt`` in a run folder."""
+    from bench.checkpoint import CHECKPOINT_NAME
+
+    record_path = Path(record_path)
+    if record_path.name == "record.json":
+        return record_path.with_name(CHECKPOINT_NAME)
+    return record_path.with_name(f"{record_path.stem}.{CHECKPOINT_NAME}")
+
+
 def run(config: RunConfig | dict, out: str | Path | None = None, runs_dir: str | Path = "runs", progress: bool = True) -> tuple[Path, dict]:
-    """Validate, refuse an existing output path, train, and write the record atomically (never overwriting)."""
+    """Validate, refuse an existing output path, train, and write the record atomically (never overwriting).
+
+    The run checkpoints next to the record after every experience and resumes from such a checkpoint when one
+    is there (an earlier, interrupted attempt); the checkpoint is deleted once the record is written.
+    """
+    from bench import checkpoint
     from bench.record import RecordExistsError, write_json_atomic
 
     cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
@@ -247,6 +358,9 @@ def run(config: RunConfig | dict, out: str | Path | None = None, runs_dir: str |
     path = Path(out) if out is not None else default_record_path(resolved, runs_dir)
     if path.exists():
         raise RecordExistsError(f"{path} already exists; records are never overwritten (choose another --out)")
-    record = execute(resolved, progress=progress, artifacts_dir=path.parent)
+    ckpt = checkpoint_path_for(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = execute(resolved, progress=progress, artifacts_dir=path.parent, checkpoint_path=ckpt)
     write_json_atomic(path, record)
+    checkpoint.remove(ckpt)
     return path, record
