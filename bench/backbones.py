@@ -134,7 +134,7 @@ class SmallCNNOptions(Options):
     source: str = "fmnist"  # a data set name from bench.datasets
     source_per_class: int | None = None  # subsample of the source (None: all of it)
     pretrain_epochs: int = 2
-    pretrain_lr: float = 1e-3
+    pretrain_lr: float = 3e-3
     pretrain_seed: int = 0
     data_root: str | None = None
 

@@ -10,7 +10,7 @@ SMALL = {  # digits stream + a small CNN pre-trained on MNIST-5k: seconds on one
     "benchmark": "split-digits",
     "backbone": "small-cnn",
     "benchmark_options": {"n_experiences": 5, "per_class": 40},
-    "backbone_options": {"source": "mnist5k", "pretrain_epochs": 1, "width": 8, "input_size": 16},
+    "backbone_options": {"source": "mnist5k", "pretrain_epochs": 3, "width": 8, "input_size": 16},
     "train": {"epochs": 3, "batch_size": 16, "lr": 0.05},
 }
 

@@ -1,0 +1,119 @@
+"""Editing skills over a pool of task vectors: unlearning and specialisation.
+
+Both are re-weightings of the composition θ0 + Σ_s c_s τ_s (uniform c_s = 1/T after training):
+
+- **unlearning** of experience k: ``drop`` sets c_k = 0, ``negate`` sets c_k = −1/T;
+- **specialisation** toward k: c_k = w and c_s = (1 − w)/(T − 1) for s ≠ k (w = 1/T is the uniform model,
+  w = 1 is θ0 + τ_k alone).
+
+Task vectors and heads are saved as safetensors with a JSON header describing the pool.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+
+def unlearn_coefficients(num_tasks: int, target: int, mode: str = "drop") -> list[float]:
+    if not 0 <= target < num_tasks:
+        raise ValueError(f"experience {target} is not in the pool (0..{num_tasks - 1})")
+    c = [1.0 / num_tasks] * num_tasks
+    if mode == "drop":
+        c[target] = 0.0
+    elif mode == "negate":
+        c[target] = -1.0 / num_tasks
+    else:
+        raise ValueError(f"unknown unlearning mode {mode!r}; valid: drop, negate")
+    return c
+
+
+def specialize_coefficients(num_tasks: int, target: int, weight: float = 1.0) -> list[float]:
+    if not 0 <= target < num_tasks:
+        raise ValueError(f"experience {target} is not in the pool (0..{num_tasks - 1})")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"specialisation weight must be in [0, 1], got {weight}")
+    if num_tasks == 1:
+        return [1.0]
+    rest = (1.0 - weight) / (num_tasks - 1)
+    return [weight if s == target else rest for s in range(num_tasks)]
+
+
+def save_task_vectors(model, path: Path, method: str = "") -> Path:
+    """Write every task vector's parameters and every head of a ComposableNet to ``path`` (safetensors)."""
+    from safetensors.torch import save_file
+
+    pool, heads = model.pool, model.heads
+    tensors = {}
+    for t, mods in enumerate(pool.vectors):
+        for i, mod in enumerate(mods):
+            for pname, p in mod.named_parameters():
+                tensors[f"task{t}.{i}.{pname}"] = p.detach().cpu().contiguous()
+    for t, head in enumerate(heads.heads):
+        tensors[f"head{t}.weight"] = head.weight.detach().cpu().contiguous()
+        tensors[f"head{t}.bias"] = head.bias.detach().cpu().contiguous()
+    meta = {
+        "method": method, "style": pool.style, "rank": str(pool.rank), "names": json.dumps(pool.names),
+        "head_classes": json.dumps(heads.head_classes), "num_tasks": str(pool.num_tasks),
+        "coefficients": json.dumps(model.coefficients),
+    }  # fmt: skip
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_task_vectors(model, path: Path) -> dict:
+    """Fill an empty ComposableNet (same backbone and tuning style) with the saved tasks and heads."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    pool, heads = model.pool, model.heads
+    if meta["style"] != pool.style or json.loads(meta["names"]) != pool.names:
+        raise ValueError(f"{path} holds {meta['style']} task vectors for other layers than this model's")
+    for t, classes in enumerate(json.loads(meta["head_classes"])):
+        pool.add_task()
+        for i, mod in enumerate(pool.vectors[t]):
+            for pname, p in mod.named_parameters():
+                p.data.copy_(tensors[f"task{t}.{i}.{pname}"])
+        pool.freeze(t)
+        head = heads.add_head(classes)
+        head.weight.data.copy_(tensors[f"head{t}.weight"])
+        head.bias.data.copy_(tensors[f"head{t}.bias"])
+        head.requires_grad_(False)
+    coeffs = json.loads(meta.get("coefficients", "null"))
+    model.coefficients = coeffs
+    model.invalidate()
+    return meta
+
+
+@torch.no_grad()
+def edit_accuracy(model, coefficients: Sequence[float] | None, experiences: Iterable[tuple[int, torch.Tensor, torch.Tensor]], target: int) -> dict:
+    """Class-IL accuracy of the model composed with ``coefficients`` on the target experience and on the rest,
+    plus the target's accuracy restricted to its own classes (task-aware)."""
+    from strategies.heads import mask_to_classes
+
+    model.eval()
+    old = model.coefficients
+    model.coefficients = list(coefficients) if coefficients is not None else None
+    model.invalidate()
+    hits = {"target": [0, 0], "rest": [0, 0], "target_masked": [0, 0]}
+    target_classes = model.heads.head_classes[target]
+    for exp, x, y in experiences:
+        logits = model(x)
+        key = "target" if exp == target else "rest"
+        hits[key][0] += int((logits.argmax(1) == y).sum())
+        hits[key][1] += len(y)
+        if exp == target:
+            hits["target_masked"][0] += int((mask_to_classes(logits, target_classes).argmax(1) == y).sum())
+            hits["target_masked"][1] += len(y)
+    model.coefficients = old
+    model.invalidate()
+    return {k: (v[0] / v[1] if v[1] else None) for k, v in hits.items()}
