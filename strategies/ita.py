@@ -135,7 +135,7 @@ class TaskVectorOptions(Options):
     fisher_topk: int = 3
     fisher_mc_samples: int = 1
     fisher_max_examples: int | None = None  # Fisher on at most this many examples of each experience
-    fisher_chunk: int = 16
+    fisher_chunk: int = 32
     eps: float = 1e-5
     cosine_schedule: bool = True  # lr_e = lr·cos(99πe / (200(E−1))) per epoch, as in the reference code
     diagnostics: bool = True  # Jensen gap, Fisher spread, ‖τ‖, cosines after each training step

@@ -1,10 +1,11 @@
 """Editing skills over a pool of task vectors: unlearning and specialisation.
 
-Both are re-weightings of the composition θ0 + Σ_s c_s τ_s (uniform c_s = 1/T after training):
+Both are re-weightings of a composition θ0 + Σ_s c_s τ_s (after ITA/IEL training c_s = 1/T; after task
+arithmetic c_s = λ), and keep the total mass S = Σ_s c_s where that makes sense:
 
-- **unlearning** of experience k: ``drop`` sets c_k = 0, ``negate`` sets c_k = −1/T;
-- **specialisation** toward k: c_k = w and c_s = (1 − w)/(T − 1) for s ≠ k (w = 1/T is the uniform model,
-  w = 1 is θ0 + τ_k alone).
+- **unlearning** of experience k: ``drop`` sets c_k = 0, ``negate`` sets c_k = −c_k;
+- **specialisation** toward k: c_k = w S and c_s = (1 − w) S/(T − 1) for s ≠ k (for uniform c, w = 1/T is the
+  unedited model and w = 1 is θ0 + τ_k alone).
 
 Task vectors and heads are saved as safetensors with a JSON header describing the pool.
 """
@@ -18,28 +19,34 @@ from pathlib import Path
 import torch
 
 
-def unlearn_coefficients(num_tasks: int, target: int, mode: str = "drop") -> list[float]:
-    if not 0 <= target < num_tasks:
-        raise ValueError(f"experience {target} is not in the pool (0..{num_tasks - 1})")
-    c = [1.0 / num_tasks] * num_tasks
+def _check_target(coefficients: Sequence[float], target: int) -> None:
+    if not 0 <= target < len(coefficients):
+        raise ValueError(f"experience {target} is not in the pool (0..{len(coefficients) - 1})")
+
+
+def unlearn_coefficients(coefficients: Sequence[float], target: int, mode: str = "drop") -> list[float]:
+    """Remove (``drop``: c_k = 0) or subtract (``negate``: c_k = −c_k) experience ``target``'s task vector."""
+    _check_target(coefficients, target)
+    c = list(coefficients)
     if mode == "drop":
         c[target] = 0.0
     elif mode == "negate":
-        c[target] = -1.0 / num_tasks
+        c[target] = -c[target]
     else:
         raise ValueError(f"unknown unlearning mode {mode!r}; valid: drop, negate")
     return c
 
 
-def specialize_coefficients(num_tasks: int, target: int, weight: float = 1.0) -> list[float]:
-    if not 0 <= target < num_tasks:
-        raise ValueError(f"experience {target} is not in the pool (0..{num_tasks - 1})")
+def specialize_coefficients(coefficients: Sequence[float], target: int, weight: float = 1.0) -> list[float]:
+    """Move the composition's mass toward ``target``: c_k = w S, the others share (1 − w) S."""
+    _check_target(coefficients, target)
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"specialisation weight must be in [0, 1], got {weight}")
-    if num_tasks == 1:
-        return [1.0]
-    rest = (1.0 - weight) / (num_tasks - 1)
-    return [weight if s == target else rest for s in range(num_tasks)]
+    total, t = float(sum(coefficients)), len(coefficients)
+    if t == 1:
+        return [total]
+    rest = (1.0 - weight) * total / (t - 1)
+    return [weight * total if s == target else rest for s in range(t)]
 
 
 def save_task_vectors(model, path: Path, method: str = "") -> Path:
@@ -104,16 +111,16 @@ def edit_accuracy(model, coefficients: Sequence[float] | None, experiences: Iter
     old = model.coefficients
     model.coefficients = list(coefficients) if coefficients is not None else None
     model.invalidate()
-    hits = {"target": [0, 0], "rest": [0, 0], "target_masked": [0, 0]}
+    hits = {"acc_target": [0, 0], "acc_rest": [0, 0], "acc_target_own_classes": [0, 0]}
     target_classes = model.heads.head_classes[target]
     for exp, x, y in experiences:
         logits = model(x)
-        key = "target" if exp == target else "rest"
+        key = "acc_target" if exp == target else "acc_rest"
         hits[key][0] += int((logits.argmax(1) == y).sum())
         hits[key][1] += len(y)
         if exp == target:
-            hits["target_masked"][0] += int((mask_to_classes(logits, target_classes).argmax(1) == y).sum())
-            hits["target_masked"][1] += len(y)
+            hits["acc_target_own_classes"][0] += int((mask_to_classes(logits, target_classes).argmax(1) == y).sum())
+            hits["acc_target_own_classes"][1] += len(y)
     model.coefficients = old
     model.invalidate()
     return {k: (v[0] / v[1] if v[1] else None) for k, v in hits.items()}

@@ -1,0 +1,73 @@
+"""Skills: coefficient edits by hand, task-vector save/load, and the skills report over a finished run."""
+
+import argparse
+import json
+
+import pytest
+
+from bench.run import run
+from strategies.skills import specialize_coefficients, unlearn_coefficients
+from tests.test_ita_iel import config
+
+
+def test_unlearning_and_specialisation_coefficients():
+    c = [0.25] * 4
+    assert unlearn_coefficients(c, 1, "drop") == [0.25, 0.0, 0.25, 0.25]
+    assert unlearn_coefficients(c, 1, "negate") == [0.25, -0.25, 0.25, 0.25]
+    assert specialize_coefficients(c, 2, 1.0) == [0.0, 0.0, 1.0, 0.0]
+    assert specialize_coefficients(c, 2, 0.25) == pytest.approx(c)  # w = 1/T is the unedited model
+    assert specialize_coefficients([0.6, 0.6], 0, 0.75) == pytest.approx([0.9, 0.3])  # keeps a λ-sum's mass
+    with pytest.raises(ValueError):
+        unlearn_coefficients(c, 4)
+    with pytest.raises(ValueError):
+        specialize_coefficients(c, 0, 1.5)
+
+
+@pytest.fixture(scope="module")
+def ita_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("skills")
+    path, rec = run(config("ita"), runs_dir=folder, progress=False)
+    return path.parent, rec
+
+
+def test_saved_task_vectors_rebuild_the_evaluated_model(ita_run):
+    from bench.skills_cmd import load_run, skills_report
+
+    run_dir, rec = ita_run
+    record, model, batches = load_run(run_dir)
+    assert model.pool.num_tasks == 3 and record["run_id"] == rec["run_id"]
+    rows = skills_report(model, batches, [0, 1, 2], 1.0)
+    composed = {r["target"]: r["acc_target"] for r in rows if r["edit"] == "composed"}
+    assert [composed[k] for k in range(3)] == pytest.approx(rec["accuracy_matrix"][-1])  # same model as evaluated
+    drop = [r for r in rows if r["edit"] == "unlearn_drop"]
+    assert all(r["coefficients"][r["target"]] == 0.0 for r in drop)
+    spec = [r for r in rows if r["edit"] == "specialize"]
+    assert all(r["coefficients"][r["target"]] == pytest.approx(1.0) for r in spec)
+
+
+def test_skills_command_writes_a_report_and_refuses_to_overwrite(ita_run, capsys):
+    from bench.skills_cmd import cmd_skills
+    from strategies.registry import ConfigError
+
+    run_dir, _ = ita_run
+    out = run_dir / "skills-test.json"
+    args = argparse.Namespace(run_dir=str(run_dir), target=[1], weight=1.0, out=str(out))
+    assert cmd_skills(args) == 0
+    report = json.loads(out.read_text())
+    assert {r["edit"] for r in report["rows"]} == {"composed", "unlearn_drop", "unlearn_negate", "specialize"}
+    assert "unlearn_drop" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="already exists"):
+        cmd_skills(args)
+    with pytest.raises(ConfigError, match="not in the run"):
+        cmd_skills(argparse.Namespace(run_dir=str(run_dir), target=[7], weight=1.0, out=str(run_dir / "x.json")))
+
+
+def test_skills_need_a_task_vector_run(tmp_path):
+    from bench.skills_cmd import load_run
+    from strategies.registry import ConfigError
+
+    path, _ = run(config("naive") | {"strategy_options": {}}, runs_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="skills need one of"):
+        load_run(path.parent)
+    with pytest.raises(ConfigError, match="no record.json"):
+        load_run(tmp_path)
