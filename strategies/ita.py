@@ -116,12 +116,13 @@ class TaskVectorOptions(Options):
     tuning: Literal["full", "lora", "ia3"] = "lora"
     rank: int = 4
     layers: str = "all"  # "all" | "linear" | "conv" | comma-separated fnmatch patterns of module names
-    reg_step: Literal["decoupled", "coupled"] = "decoupled"
+    reg_step: Literal["decoupled", "coupled"] = "coupled"  # decoupled: the reference code's separate SGD step
     clip_grad: float = 100.0  # per-parameter norm clip of the decoupled regulariser step
     head_reg_fisher: float | None = None  # req_weight_cls; None → α (ITA) or β (IEL)
     head_reg_l2: float = 0.001  # simple_reg_weight_cls
     head_fisher_classes: Literal["past", "all"] | None = None  # None → ITA: past, IEL: all (original code)
     head_init: Literal["anchor", "random"] = "anchor"  # start the trained head from the pre-consolidated one
+    align_trained_heads: bool = True  # after each experience, classifier-align the trained heads (SLCA-style)
     probe_epochs: int = 20  # the probe runs on cached θ0 features, so many epochs are cheap
     probe_lr: float = 0.01
     probe_batch_size: int = 32
@@ -131,15 +132,15 @@ class TaskVectorOptions(Options):
     align_per_class: int = 256
     align_temperature: float = 0.1
     gaussian_components: int = 1
-    fisher: Literal["exact", "topk", "sampled"] = "exact"
+    fisher: Literal["exact", "topk", "sampled"] = "sampled"
     fisher_topk: int = 3
     fisher_mc_samples: int = 1
-    fisher_max_examples: int | None = None  # Fisher on at most this many examples of each experience
+    fisher_max_examples: int | None = 64  # Fisher on at most this many examples of each experience (None: all)
     fisher_chunk: int = 32
     eps: float = 1e-5
     cosine_schedule: bool = True  # lr_e = lr·cos(99πe / (200(E−1))) per epoch, as in the reference code
     diagnostics: bool = True  # Jensen gap, Fisher spread, ‖τ‖, cosines after each training step
-    diagnostics_examples: int = 200  # per seen test experience
+    diagnostics_examples: int = 100  # per seen test experience
 
     def check(self) -> None:
         self.require(self.rank >= 1, "rank", "must be >= 1")
@@ -160,7 +161,7 @@ class TaskVectorOptions(Options):
 class ITAOptions(TaskVectorOptions):
     """ITA: α is the strength of the Fisher anchor of τ_t to θ0 (Eq. 11–12)."""
 
-    alpha: float = 1.0
+    alpha: float = 0.1
 
     def check(self) -> None:
         super().check()
@@ -171,7 +172,7 @@ class ITAOptions(TaskVectorOptions):
 class IELOptions(TaskVectorOptions):
     """IEL: β scales both the θ0 anchor and the alignment with past task vectors (Eq. 18–19)."""
 
-    beta: float = 1.0
+    beta: float = 0.1
 
     def check(self) -> None:
         super().check()
@@ -442,10 +443,26 @@ class TaskVectorStrategy(SupervisedTemplate):
         self.pool.freeze(t)
         for p in self.model.heads.heads[t].parameters():
             p.requires_grad_(False)
+        if self.options.align_trained_heads and self.stats.params:
+            self._align_trained_heads()
         self.model.invalidate()
         if self.method == "ta":
             self.model.coefficients = self._select_lambda() if self.options.composition == "sum" else None
         super()._after_training_exp(**kwargs)
+
+    def _align_trained_heads(self) -> None:
+        """Classifier alignment of the heads used at inference on the θ0 feature statistics of all seen classes
+        (rehearsal-free: only the per-class Gaussians are kept); the heads stay frozen afterwards."""
+        from strategies.consolidation import align_classifier
+
+        heads, opts = self.model.heads, self.options
+        for p in heads.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            align_classifier(heads, self.stats, opts.align_epochs + opts.align_epochs_per_task * self.task, opts.align_lr,
+                             opts.align_per_class, opts.align_temperature, 128, self._rng())  # fmt: skip
+        for p in heads.parameters():
+            p.requires_grad_(False)
 
     # ------------------------------------------------------------------ task arithmetic: λ on validation data
     @torch.no_grad()
