@@ -62,6 +62,7 @@ def save(path: Path, strategy: Any, loop: dict[str, Any], summary: dict[str, Any
             setattr(clone, name, None)
     payload = {"format": FORMAT, "strategy": clone, "rng_manager": RNGManager, "loop": loop}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with _dill_by_reference() as dill:
             torch.save(payload, tmp, pickle_module=dill)

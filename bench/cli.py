@@ -90,6 +90,89 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(report) -> int:
+    """Print a sweep report: one line per problem on stderr, the summary on stdout; exit 1 if cells failed."""
+    for line in report.problems():
+        print(f"bench: {line}", file=sys.stderr)
+    print(report.summary())
+    return 0 if report.ok or not report.waited else 1
+
+
+def _load_sweep(args: argparse.Namespace):
+    from bench.sweep import load_sweep
+
+    sweep = load_sweep(args.file, profile=args.profile, runs_dir=args.runs_dir)
+    if getattr(args, "workers", None) is not None:
+        if args.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+        sweep.profile.workers = args.workers
+    return sweep
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from bench.launch import launch
+
+    report = launch(_load_sweep(args), kind=args.executor, dry_run=args.dry_run, wait=not args.no_wait, progress=not args.quiet)
+    return 0 if report is None else _report(report)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from bench import store
+    from bench.launch import status_table
+
+    sweep = _load_sweep(args)
+    queued = store.squeue_states()
+    states = {c.hash: store.cell_state(c.run_dir, queued) for c in sweep.cells}
+    print(f"sweep {sweep.name} ({sweep.path}), run folders in {sweep.output}")
+    print("\n".join(status_table(sweep, states)))
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from bench.aggregate import load_results, write_tables
+
+    results = load_results(args.paths)
+    _report_skipped(results)
+    written = write_tables(results, Path(args.out))
+    print(f"{len(results.runs)} records → {len(written)} tables in {args.out}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from bench.leaderboard import build_leaderboard
+
+    page, results = build_leaderboard(args.paths, Path(args.out), plots=not args.no_plots)
+    _report_skipped(results)
+    print(f"{len(results.runs)} records → {page}")
+    return 0
+
+
+def _report_skipped(results) -> None:
+    if results.skipped:
+        print(f"bench: skipped {len(results.skipped)} unreadable record file(s):", file=sys.stderr)
+        for path, reason in results.skipped:
+            print(f"  {path}: {reason}", file=sys.stderr)
+
+
+def cmd_perf(args: argparse.Namespace) -> int:
+    from bench.perf import main as perf_main
+
+    return perf_main(records=args.records, help_runs=args.help_runs, keep=args.keep)
+
+
+def cmd_main(args: argparse.Namespace) -> int:
+    from bench.launch import launch
+    from bench.leaderboard import build_leaderboard
+
+    sweep = _load_sweep(args)
+    report = launch(sweep, kind="local", progress=not args.quiet)
+    code = _report(report)
+    page, results = build_leaderboard([str(sweep.path)], Path(args.results), runs_dir=sweep.output, profile=args.profile)
+    _report_skipped(results)
+    print(f"leaderboard of {len(results.runs)} runs → {page}")
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description="Continual-learning benchmark suite (ITA, IEL and baselines).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +202,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list benchmarks, backbones and strategies with their options")
     p.set_defaults(func=cmd_list)
+
+    def sweep_args(p: argparse.ArgumentParser, file_default: str | None = None) -> None:
+        if file_default is None:
+            p.add_argument("file", help="sweep YAML file (see examples/)")
+        else:
+            p.add_argument("--sweep", dest="file", default=file_default, help=f"sweep YAML file (default {file_default})")
+        p.add_argument("--profile", help="cluster profile: a name under slurm/profiles/ or a YAML path (overrides the file's cluster)")
+        p.add_argument("--runs-dir", dest="runs_dir", help="where the run folders go (overrides the file's output)")
+
+    p = sub.add_parser("sweep", help="run a sweep's missing cells (local processes, in-process debug, or SLURM job arrays)")
+    sweep_args(p)
+    p.add_argument("--executor", choices=("local", "debug", "slurm"), help="default: the profile's executor")
+    p.add_argument("--workers", type=int, help="local executor: parallel worker processes (default: the profile's)")
+    p.add_argument("--dry-run", action="store_true", dest="dry_run", help="print the cells and the sbatch parameters; submit nothing")
+    p.add_argument("--no-wait", action="store_true", dest="no_wait", help="submit and return (follow with `bench status`)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("status", help="show done / running / failed / missing per cell of a sweep")
+    sweep_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("aggregate", help="read result records and write per-benchmark tables (CSV, Markdown, LaTeX)")
+    p.add_argument("paths", nargs="+", help="run folders to search for record.json, record files, or sweep YAML files")
+    p.add_argument("--out", default="results", help="output folder (tables go to OUT/tables; default results)")
+    p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("leaderboard", help="tables, plots and the leaderboard page OUT/README.md, regenerated from records")
+    p.add_argument("paths", nargs="+", help="run folders, record files, or sweep YAML files")
+    p.add_argument("--out", default="results", help="output folder (default results)")
+    p.add_argument("--no-plots", action="store_true", dest="no_plots")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("perf", help="measure aggregation of synthetic records and `bench --help` latency")
+    p.add_argument("--records", type=int, default=10_000)
+    p.add_argument("--help-runs", type=int, default=5, dest="help_runs")
+    p.add_argument("--keep", help="keep the synthetic records in this folder")
+    p.set_defaults(func=cmd_perf)
+
+    p = sub.add_parser("main", help="the main job: run examples/default.yaml locally, then regenerate results/")
+    sweep_args(p, file_default=str(Path(__file__).resolve().parent.parent / "examples" / "default.yaml"))
+    p.add_argument("--results", default=str(Path(__file__).resolve().parent.parent / "results"), help="leaderboard folder")
+    p.add_argument("--workers", type=int, help="parallel worker processes (default: the profile's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_main)
     return parser
 
 

@@ -56,6 +56,8 @@ def environment() -> dict[str, Any]:
     """Host, Python, package versions, git commit and torch's compute settings."""
     import torch
 
+    from bench.store import current_job_id
+
     env = {
         "host": socket.gethostname(),
         "platform": platform.platform(),
@@ -65,6 +67,7 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_count": os.cpu_count(),
+        "job_id": current_job_id(),  # the submitit/SLURM job that ran it (None outside a job)
     }
     return env
 

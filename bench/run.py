@@ -359,7 +359,6 @@ def run(config: RunConfig | dict, out: str | Path | None = None, runs_dir: str |
     if path.exists():
         raise RecordExistsError(f"{path} already exists; records are never overwritten (choose another --out)")
     ckpt = checkpoint_path_for(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = execute(resolved, progress=progress, artifacts_dir=path.parent, checkpoint_path=ckpt)
     write_json_atomic(path, record)
     checkpoint.remove(ckpt)

@@ -1,0 +1,174 @@
+"""The result store's read side: tidy frames, tables (CSV, Markdown, LaTeX), plots and the leaderboard page,
+with truncated, partial and duplicated record files skipped and reported."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.aggregate import load_results, summary_table, to_latex, to_markdown, variant_labels, write_tables
+from bench.cli import main
+from bench.leaderboard import MARKER, build_leaderboard
+from bench.perf import synthetic_record, write_synthetic
+
+
+@pytest.fixture()
+def store(tmp_path):
+    """63 synthetic records (3 benchmarks × 7 strategies × 3 seeds), plus three bad files and a duplicate."""
+    runs = write_synthetic(tmp_path / "runs", 63)
+    good = sorted(runs.rglob("record.json"))
+    (runs / "truncated").mkdir()
+    (runs / "truncated" / "record.json").write_text(good[0].read_text()[:700])
+    partial = json.loads(good[1].read_text())
+    del partial["metrics"]["bwt"]
+    (runs / "partial").mkdir()
+    (runs / "partial" / "record.json").write_text(json.dumps(partial))
+    (runs / "running").mkdir()
+    (runs / "running" / "record.json").write_text(json.dumps(json.loads(good[2].read_text()) | {"status": "running"}))
+    (runs / "copy").mkdir()
+    shutil.copy(good[3], runs / "copy" / "record.json")
+    (runs / ".submitit" / "x").mkdir(parents=True)  # scheduler folders are not searched
+    (runs / ".submitit" / "x" / "record.json").write_text("{")
+    return runs, good
+
+
+def test_tidy_frames_and_skipped_files(store):
+    runs, good = store
+    res = load_results([runs])
+    assert len(res.runs) == 63 and res.runs["config_hash"].is_unique
+    reasons = dict((Path(p).parent.name, r) for p, r in res.skipped)
+    assert len(reasons) == 4, res.skipped
+    assert "not valid JSON (truncated or corrupted?)" in reasons.pop("truncated")
+    assert "incomplete record" in reasons["partial"] and "'bwt'" in reasons.pop("partial")
+    assert "status is 'running'" in reasons.pop("running")
+    ((folder, reason),) = reasons.items()  # the copy, or the original when the copy was read first
+    assert reason.startswith("duplicate of") and "copy" in folder + reason and "counted once" in reason
+    joint = res.runs[res.runs["strategy"] == "joint"]
+    assert joint["forgetting"].isna().all() and joint["final_average_accuracy"].notna().all()
+    # long views: 5 steps per curve (joint has none), 5x5 or 1x5 matrices, diagnostics for ita/iel only
+    assert set(res.curves.groupby("run_id").size()) == {5} and len(res.curves) == 5 * (63 - 9)
+    assert len(res.matrices) == 25 * 54 + 5 * 9
+    assert set(res.diagnostics.merge(res.runs, on="run_id")["strategy"]) == {"ita", "iel"}
+    assert set(res.diagnostics["key"]) == {"jensen_gap", "fisher_spread", "tau_norm (mean)"}  # lists averaged, matrices and counts left out
+
+
+def test_summary_table_is_mean_and_sd_over_seeds(store):
+    runs, good = store
+    res = load_results([runs])
+    table = summary_table(res, "split-fmnist")
+    assert len(table) == 7 and set(table["n_seeds"]) == {3} and set(table["seeds"]) == {"0 1 2"}
+    assert list(table["final_average_accuracy_mean"]) == sorted(table["final_average_accuracy_mean"], reverse=True)
+    recs = [json.loads(p.read_text()) for p in good]
+    ewc = [r for r in recs if r["config"]["benchmark"] == "split-fmnist" and r["config"]["strategy"] == "ewc"]
+    row = table[table["strategy"] == "ewc"].iloc[0]
+    for metric in ("final_average_accuracy", "forgetting", "bwt"):
+        values = [r["metrics"][metric] for r in ewc]
+        assert row[f"{metric}_mean"] == pytest.approx(np.mean(values))
+        assert row[f"{metric}_std"] == pytest.approx(np.std(values, ddof=1))
+    md = to_markdown(table)
+    line = next(l for l in md.splitlines() if l.startswith("| ewc |"))
+    mean, sd = 100 * np.mean([r["metrics"]["final_average_accuracy"] for r in ewc]), 100 * np.std([r["metrics"]["final_average_accuracy"] for r in ewc], ddof=1)
+    assert f"| 3 | {mean:.1f} ± {sd:.1f} |" in line
+    assert re.search(r"\| joint \| 3 \| [\d.]+ ± [\d.]+ \| – \| – \|", md)
+    tex = to_latex(table, "split_fmnist & co")
+    assert r"\toprule" in tex and r"task-arithmetic" in tex and r"split\_fmnist \& co" in tex and r"$\pm$" in tex
+    assert tex.count(r"\\") == 7 + 1
+
+
+def test_labels_name_what_varies():
+    base = {"benchmark": "b", "backbone": "x", "strategy": "ewc", "strategy_options": {"ewc_lambda": 10.0, "mode": "separate"},
+            "train": {"lr": 0.1}, "backbone_options": {}, "benchmark_options": {}, "device": "cpu", "threads": 1}
+    variants = {
+        "a": base,
+        "b": base | {"strategy_options": {"ewc_lambda": 100.0, "mode": "separate"}},
+        "c": base | {"strategy": "naive", "strategy_options": {}},
+        "d": base | {"strategy": "naive", "strategy_options": {}, "train": {"lr": 0.01}},
+    }  # fmt: skip
+    assert variant_labels(variants) == {"a": "ewc (lr=0.1, ewc_lambda=10)", "b": "ewc (lr=0.1, ewc_lambda=100)",
+                                        "c": "naive (lr=0.1)", "d": "naive (lr=0.01)"}  # fmt: skip
+
+
+def test_aggregate_command_writes_tables_and_reports_bad_files(store, tmp_path, capsys):
+    runs, _ = store
+    assert main(["aggregate", str(runs), "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert "63 records → 10 tables" in out
+    assert "bench: skipped 4 unreadable record file(s):" in err and "truncated/record.json: not valid JSON" in err
+    assert "duplicate of" in err
+    tables = tmp_path / "out" / "tables"
+    assert sorted(p.name for p in tables.iterdir()) == sorted(
+        [f"{b}.{s}" for b in ("split-cifar100", "split-digits", "split-fmnist") for s in ("csv", "md", "tex")] + ["runs.csv"])
+    csv = pd.read_csv(tables / "split-digits.csv")
+    assert len(csv) == 7 and {"final_average_accuracy_mean", "final_average_accuracy_std", "n_seeds", "variant"} <= set(csv.columns)
+    assert len(pd.read_csv(tables / "runs.csv")) == 63
+
+
+def test_leaderboard_page_links_tables_and_plots(store, tmp_path):
+    runs, _ = store
+    out = tmp_path / "results"
+    page, res = build_leaderboard([str(runs)], out)
+    text = page.read_text()
+    assert text.startswith(MARKER) and "63 runs" in text
+    for link in re.findall(r"\]\(([^)]+)\)", text):
+        assert (out / link).is_file(), link
+    for bench in ("split-cifar100", "split-digits", "split-fmnist"):
+        assert f"## {bench}" in text
+        figures = {p.name for p in (out / "plots" / bench).iterdir()}
+        assert figures == {f"{f}.{e}" for f in ("final_accuracy", "accuracy_curve", "forgetting", "accuracy_matrix", "diagnostics") for e in ("png", "pdf")}
+    assert "## Skipped files" in text and "truncated" in text
+    assert (out / "plots" / "split-digits" / "final_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "plots" / "split-digits" / "final_accuracy.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def some_records(tmp_path: Path, keep) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(63):
+        rec = synthetic_record(i, rng)
+        if keep(rec["config"]):
+            path = tmp_path / "runs" / rec["run_id"] / "record.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(rec))
+    return tmp_path / "runs"
+
+
+def test_regenerating_gives_identical_files(tmp_path):
+    runs = some_records(tmp_path, lambda c: c["benchmark"] == "split-digits" and c["strategy"] in ("naive", "ita", "joint"))
+    out = tmp_path / "results"
+    build_leaderboard([str(runs)], out)
+    (out / "tables" / "stale.csv").write_text("from an earlier generation")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    build_leaderboard([str(runs)], out)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert set(before) - set(after) == {Path("tables/stale.csv")}  # the previous generation is replaced, not merged
+    assert [k for k in after if before[k] != after[k]] == []  # no timestamps or random jitter in the outputs
+
+
+def test_no_diagnostics_no_diagnostics_plot_and_joint_only(tmp_path):
+    runs = some_records(tmp_path, lambda c: c["benchmark"] == "split-fmnist" and c["strategy"] in ("naive", "joint"))
+    page, res = build_leaderboard([str(runs)], tmp_path / "out")
+    assert len(res.runs) == 6 and res.diagnostics.empty
+    names = {p.stem for p in (tmp_path / "out" / "plots").rglob("*.png")}
+    assert names == {"final_accuracy", "accuracy_curve", "forgetting", "accuracy_matrix"}
+    only_joint = some_records(tmp_path / "j", lambda c: c["benchmark"] == "split-fmnist" and c["strategy"] == "joint")
+    page, res = build_leaderboard([str(only_joint)], tmp_path / "out-j")
+    names = {p.stem for p in (tmp_path / "out-j" / "plots").rglob("*.png")}
+    assert names == {"final_accuracy", "accuracy_curve", "accuracy_matrix"}  # no forgetting is defined for joint
+
+
+def test_empty_store(tmp_path):
+    (tmp_path / "runs").mkdir()
+    page, res = build_leaderboard([str(tmp_path / "runs")], tmp_path / "out")
+    assert "No result records yet." in page.read_text() and res.runs.empty
+
+
+def test_perf_command_reports_figures(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "--records", "60", "--help-runs", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"aggregate in process: read 60 records in [\d.]+ s", r.stdout), r.stdout
+    assert re.search(r"`bench --help`: median [\d.]+ s", r.stdout), r.stdout
