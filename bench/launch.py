@@ -191,6 +191,26 @@ def _environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _captured_stderr():
+    """Collect what child processes (sbatch) write to file descriptor 2; yields a function returning it."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        text: list[str] = []
+        try:
+            yield lambda: "".join(text)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text.append(tmp.read().decode(errors="replace"))
+
+
 def _submission_error(exc: Exception, sweep: Sweep) -> ConfigError:
     """sbatch's refusal (e.g. GPUs on a node without any) as one line."""
     text = str(exc)
@@ -216,10 +236,16 @@ def submit(sweep: Sweep, kind: str, cells: list[Cell], progress: bool = False) -
                 job._results_timeout_s = 2
             return jobs, [tasks] * len(jobs)
         groups = packs(tasks, sweep.profile.runs_per_job)
-        try:
-            jobs = executor.map_array(worker, groups)
-        except Exception as exc:  # submitit's FailedJobError when sbatch exits non-zero
-            raise _submission_error(exc, sweep) from None
+        with _captured_stderr() as captured:  # sbatch writes its refusal to our stderr; it belongs in one line
+            try:
+                jobs = executor.map_array(worker, groups)
+            except Exception as exc:  # submitit's FailedJobError when sbatch exits non-zero
+                error = exc
+            else:
+                error = None
+        if error is not None:
+            raise _submission_error(Exception(f"{error}\n{captured()}"), sweep) from None
+        sys.stderr.write(captured())  # warnings of an accepted submission
     if kind == "slurm":
         from bench.record import utc_now
 
@@ -230,12 +256,18 @@ def submit(sweep: Sweep, kind: str, cells: list[Cell], progress: bool = False) -
     return jobs, groups
 
 
+ENDED_BADLY = ("CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+
 def _job_outcome(job: Any) -> tuple[list[dict] | None, str | None]:
     """(outcomes, None) for a job that ran its cells, (None, one line) for one that ended badly (killed,
     timed out too often, or a crash outside the runs).
 
     ``job.exception()`` is called exactly once: for the debug executor it is what runs the job.
     """
+    with contextlib.suppress(Exception):  # a job that SLURM ended badly wrote no result: skip submitit's 15 s grace
+        if not job.paths.result_pickle.exists() and str(job.state).split()[0] in ENDED_BADLY:
+            job._results_timeout_s = 2
     try:
         exc = job.exception()
     except Exception as e:  # the scheduler lost track of it
@@ -251,10 +283,15 @@ def _job_outcome(job: Any) -> tuple[list[dict] | None, str | None]:
     return None, f"job {job.job_id} failed: {last[-1] if last else type(exc).__name__}; log: {log}"
 
 
-def _watch(sweep: Sweep, jobs: list[Any], cells: list[Cell], progress: bool, poll_s: float = 1.0) -> None:
-    """Wait for the jobs, with a progress bar over cells and a line per finished run."""
+def _watch(sweep: Sweep, jobs: list[Any], cells: list[Cell], progress: bool, poll_s: float = 1.0, force_every_s: float = 10.0) -> None:
+    """Wait for the jobs, with a progress bar over cells and a line per finished run.
+
+    Records are polled every ``poll_s``; the scheduler is asked about the jobs (one sacct call for all) at
+    least every ``force_every_s``, so that a job killed without a result is noticed promptly.
+    """
     from tqdm.auto import tqdm
 
+    last_forced = time.monotonic()
     pending = {c.hash: c for c in cells}
     bar = tqdm(total=len(cells), desc=f"sweep {sweep.name}", unit="run", disable=not progress, dynamic_ncols=True)
     try:
@@ -268,8 +305,11 @@ def _watch(sweep: Sweep, jobs: list[Any], cells: list[Cell], progress: bool, pol
                         acc = (rec.get("metrics") or {}).get("final_average_accuracy")
                         wall = (rec.get("timing") or {}).get("total_wall_s")
                         bar.write(f"  done {c.label}: final accuracy {acc:.4f} in {wall:.0f} s" if acc is not None and wall is not None else f"  done {c.label}")
-            if not pending or all(job.done() for job in jobs):
+            force = time.monotonic() - last_forced > force_every_s  # a killed job has no record to wait for
+            if not pending or all(job.done(force_check=force) for job in jobs):
                 break
+            if force:
+                last_forced = time.monotonic()
             running = []
             for c in pending.values():
                 info = store._read_json(c.run_dir / store.RUNNING)
