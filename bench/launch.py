@@ -192,6 +192,24 @@ def _environment(values: dict[str, str]):
 
 
 @contextlib.contextmanager
+def _child_output_to(path: Path):
+    """Processes started inside this block write their stdout and stderr to ``path`` (not to our terminal)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+@contextlib.contextmanager
 def _captured_stderr():
     """Collect what child processes (sbatch) write to file descriptor 2; yields a function returning it."""
     import tempfile
@@ -231,7 +249,8 @@ def submit(sweep: Sweep, kind: str, cells: list[Cell], progress: bool = False) -
     worker = SweepWorker(env, progress=progress and kind == "debug")
     with _environment(env):
         if kind == "local":
-            jobs = [executor.submit(worker, tasks) for _ in range(min(sweep.profile.workers, len(tasks)))]
+            with _child_output_to(folder / "workers.log"):  # e.g. their tracebacks when Ctrl-C stops them
+                jobs = [executor.submit(worker, tasks) for _ in range(min(sweep.profile.workers, len(tasks)))]
             for job in jobs:  # a local disk needs no 15 s grace for a killed worker's missing result file
                 job._results_timeout_s = 2
             return jobs, [tasks] * len(jobs)
@@ -355,7 +374,19 @@ def launch(sweep: Sweep, kind: str | None = None, dry_run: bool = False, wait: b
         return SweepReport(sweep, kind, [reports[c.hash] for c in sweep.cells], [str(j.job_id) for j in jobs], waited=False)
 
     if kind != "debug":  # debug jobs run in _job_outcome, here and now
-        _watch(sweep, jobs, todo, progress)
+        try:
+            _watch(sweep, jobs, todo, progress)
+        except KeyboardInterrupt:
+            if kind == "local":  # our worker processes stop with us (Ctrl-C reaches them too; this is for a lone SIGINT)
+                deadline = time.monotonic() + 5
+                while not all(job.done() for job in jobs) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                for job in jobs:
+                    if not job.done():
+                        job.cancel(check=False)
+            print(f"bench: finished runs are kept; the others resume from their last experience when this sweep runs again"
+                  f"{'' if kind == 'local' else ' (its jobs keep running: bench status ' + str(sweep.path) + ')'}", file=sys.stderr)  # fmt: skip
+            raise
     ours = {str(j.job_id) for j in jobs}
     job_error, ran_here = {}, set()
     for job, group in zip(jobs, groups):
