@@ -311,6 +311,19 @@ def to_latex(table, caption: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shown_path(path: str) -> str:
+    """A record's path relative to the repository (or the working directory) when it lies inside it."""
+    from bench.record import REPO_ROOT
+
+    p = Path(path).absolute()
+    for base in (REPO_ROOT, Path.cwd()):
+        try:
+            return p.relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return str(path)
+
+
 def write_tables(results: Results, out: Path) -> list[Path]:
     """``out/tables/<benchmark>.{csv,md,tex}`` for every benchmark, and ``out/tables/runs.csv`` (one row per run)."""
     folder = Path(out) / "tables"
@@ -328,6 +341,8 @@ def write_tables(results: Results, out: Path) -> list[Path]:
         cols = ["run_id", "benchmark", "backbone", "strategy", "label", "seed", "stream_seed", "n_experiences",
                 "final_average_accuracy", "forgetting", "bwt", "total_wall_s", "total_cpu_s", "peak_memory_mb",
                 "config_hash", "commit", "path"]  # fmt: skip
-        results.runs.sort_values(["benchmark", "label", "seed"])[cols].to_csv(folder / "runs.csv", index=False)
+        runs = results.runs.sort_values(["benchmark", "label", "seed"])[cols]
+        runs = runs.assign(path=runs["path"].map(_shown_path))  # the tables may be committed: no home folders in them
+        runs.to_csv(folder / "runs.csv", index=False)
         written.append(folder / "runs.csv")
     return written
