@@ -42,7 +42,7 @@ def kill_after(monkeypatch, k: int) -> None:
     monkeypatch.setattr(checkpoint, "save", save_then_die)
 
 
-@pytest.mark.parametrize("strategy, k", [("naive", 2), ("ewc", 1), ("lwf", 3)])
+@pytest.mark.parametrize("strategy, k", [("naive", 2), ("ewc", 1), ("lwf", 3), ("ita", 2), ("task-arithmetic", 3)])
 def test_resume_after_experience_k_is_identical(strategy, k, tmp_path, monkeypatch):
     cfg = CONFIG | {"strategy": strategy}
     _, reference = run(cfg, runs_dir=tmp_path / "reference", progress=False)
@@ -62,10 +62,13 @@ def test_resume_after_experience_k_is_identical(strategy, k, tmp_path, monkeypat
     path, resumed = run(cfg, runs_dir=tmp_path / "interrupted", progress=False)
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
     assert resumed["metrics"] == reference["metrics"]
+    diagnostics = (reference.get("strategy_extras") or {}).get("diagnostics")
+    assert (resumed.get("strategy_extras") or {}).get("diagnostics") == diagnostics  # ITA's second-order diagnostics too
     assert resumed["run_id"] == reference["run_id"] and resumed["config_hash"] == reference["config_hash"]
     assert [r["from_step"] for r in resumed["resumes"]] == [k]
     assert len(resumed["timing"]["steps"]) == 5
-    assert sorted(p.name for p in path.parent.iterdir()) == ["record.json"]  # checkpoint removed
+    assert not [p.name for p in path.parent.iterdir() if "checkpoint" in p.name]  # removed once the record is written
+    assert sorted(resumed.get("artifacts", [])) == sorted(reference.get("artifacts", []))  # e.g. task vectors, saved again
 
 
 def test_joint_checkpoint_after_its_single_step(tmp_path, monkeypatch):

@@ -191,6 +191,18 @@ def test_local_executor_status_and_aggregate(tmp_path, capsys):
     assert re.search(r"\| joint \| 2 \|", table) and re.search(r"\| naive \| 2 \|", table)
 
 
+def test_main_job_runs_the_sweep_then_the_leaderboard_and_a_rerun_skips_finished_cells(tmp_path, capsys):
+    """`bench main` (the README's first command) on a tiny sweep instead of examples/default.yaml."""
+    args = ["main", "--sweep", str(write(tmp_path, TINY)), "--runs-dir", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 cells: 4 run now, 0 already done, 0 failed" in out and "leaderboard of 4 runs" in out
+    page = (tmp_path / "results" / "README.md").read_text()
+    assert "## split-digits" in page and re.search(r"\| joint \| 2 \|", page) and (tmp_path / "results" / "plots" / "split-digits" / "accuracy_curve.png").is_file()
+    assert main(args) == 0
+    assert "4 cells: 0 run now, 4 already done, 0 failed" in capsys.readouterr().out
+
+
 def test_a_failing_cell_is_reported_and_the_others_finish(tmp_path, capsys):
     text = TINY.replace("source: digits", "source: {grid: [digits, no-such-data]}").replace("seeds: [0, 1]", "seeds: [0]")
     path = write(tmp_path, text)
