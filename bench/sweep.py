@@ -12,6 +12,7 @@ A sweep file is YAML::
     strategies:                      # a mapping name → options, or a list of names
       naive: {}
       ewc: {ewc_lambda: {grid: [10, 100]}}     # {grid: [...]} makes a value an axis of the sweep
+      ita: {alpha: 0.1, train: {optimizer: adamw, lr: 0.001}}   # per-strategy training overrides
     train: {epochs: 2, lr: 0.05}
 
 Each cell is one :class:`~bench.run.RunConfig`; its identity is the content hash of the fully resolved config
@@ -166,9 +167,13 @@ def expand(data: dict[str, Any], profile: Any, output: Path, where: str) -> list
     seen: dict[str, str] = {}
     for (bench_name, bench_opts), (bb_name, bb_opts) in itertools.product(axes["benchmarks"], axes["backbones"]):
         for seed, (strat_name, strat_opts) in itertools.product(seeds, axes["strategies"]):
+            strat_opts = dict(strat_opts)
+            strat_train = strat_opts.pop("train", None) or {}
+            if not isinstance(strat_train, dict):
+                raise ConfigError(f"{where}: strategies.{strat_name}.train must be a mapping of training options, got {strat_train!r}")
             for (bo, bv), (ko, kv), (so, sv), (to, tv) in itertools.product(
                 grid(bench_opts, f"{where}: benchmarks.{bench_name}"), grid(bb_opts, f"{where}: backbones.{bb_name}"),
-                grid(strat_opts, f"{where}: strategies.{strat_name}"), grid(train, f"{where}: train"),
+                grid(strat_opts, f"{where}: strategies.{strat_name}"), grid(train | strat_train, f"{where}: train"),
             ):  # fmt: skip
                 varied = " ".join(f"{k}={v}" for k, v in (bv | kv | sv | tv).items())
                 label = " ".join(filter(None, [bench_name, bb_name, strat_name, varied, f"s{seed}"]))
