@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list benchmarks, backbones and strategies with their options")
     p.set_defaults(func=cmd_list)
 
+    from bench.skills_cmd import add_parser as add_skills_parser  # light module: argparse only at import
+
+    add_skills_parser(sub)
+
     def sweep_args(p: argparse.ArgumentParser, file_default: str | None = None) -> None:
         if file_default is None:
             p.add_argument("file", help="sweep YAML file (see examples/)")

@@ -71,3 +71,17 @@ def test_skills_need_a_task_vector_run(tmp_path):
         load_run(path.parent)
     with pytest.raises(ConfigError, match="no record.json"):
         load_run(tmp_path)
+
+
+def test_skills_is_a_bench_verb(ita_run):
+    import subprocess
+    import sys
+
+    run_dir, _ = ita_run
+    out = run_dir / "skills-cli.json"
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "skills", str(run_dir), "--target", "0", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "specialize" in r.stdout and json.loads(out.read_text())["rows"][0]["target"] == 0
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "skills", str(run_dir), "--weight", "3"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("bench: error: --weight must be in [0, 1]")
