@@ -32,20 +32,9 @@ def parse_assignments(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    import yaml
+    from bench.sweep import read_yaml_mapping
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of run settings")
-    return data
+    return read_yaml_mapping(Path(path), "config")
 
 
 def run_config_from_args(args: argparse.Namespace) -> dict[str, Any]:

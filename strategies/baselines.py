@@ -12,25 +12,9 @@ from typing import Literal
 
 from avalanche.training import EWC, LwF, JointTraining, Naive
 from avalanche.training.templates import SupervisedTemplate
-from torch import nn
 
-from strategies.common import TrainConfig, make_optimizer
+from strategies.common import TrainConfig, template_kwargs
 from strategies.registry import STRATEGIES, Options
-
-
-def _common(model: nn.Module, train: TrainConfig, evaluator, device, plugins) -> dict:
-    return dict(
-        model=model,
-        optimizer=make_optimizer(model.parameters(), train),
-        criterion=nn.CrossEntropyLoss(),
-        train_mb_size=train.batch_size,
-        train_epochs=train.epochs,
-        eval_mb_size=train.eval_batch_size,
-        device=device,
-        plugins=list(plugins or []),
-        evaluator=evaluator,
-        eval_every=-1,
-    )
 
 
 @dataclasses.dataclass
@@ -41,13 +25,13 @@ class NoOptions(Options):
 @STRATEGIES.register("naive", NoOptions)
 def naive(model, options: NoOptions, train: TrainConfig, *, evaluator=None, device="cpu", plugins: Sequence = ()) -> SupervisedTemplate:
     """Naive fine-tuning of the whole network on each experience in turn (lower bound)."""
-    return Naive(**_common(model, train, evaluator, device, plugins))
+    return Naive(**template_kwargs(model, train, evaluator, device, plugins))
 
 
 @STRATEGIES.register("joint", NoOptions)
 def joint(model, options: NoOptions, train: TrainConfig, *, evaluator=None, device="cpu", plugins: Sequence = ()) -> SupervisedTemplate:
     """Joint training on the union of all experiences (upper bound); trains once on the whole stream."""
-    return JointTraining(**_common(model, train, evaluator, device, plugins))
+    return JointTraining(**template_kwargs(model, train, evaluator, device, plugins))
 
 
 @dataclasses.dataclass
@@ -70,7 +54,7 @@ def ewc(model, options: EWCOptions, train: TrainConfig, *, evaluator=None, devic
         ewc_lambda=options.ewc_lambda,
         mode=options.mode,
         decay_factor=options.decay_factor if options.mode == "online" else None,
-        **_common(model, train, evaluator, device, plugins),
+        **template_kwargs(model, train, evaluator, device, plugins),
     )
 
 
@@ -89,4 +73,4 @@ class LwFOptions(Options):
 @STRATEGIES.register("lwf", LwFOptions)
 def lwf(model, options: LwFOptions, train: TrainConfig, *, evaluator=None, device="cpu", plugins: Sequence = ()) -> SupervisedTemplate:
     """LwF with Avalanche's distillation plugin."""
-    return LwF(alpha=options.alpha, temperature=options.temperature, **_common(model, train, evaluator, device, plugins))
+    return LwF(alpha=options.alpha, temperature=options.temperature, **template_kwargs(model, train, evaluator, device, plugins))

@@ -39,3 +39,20 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> to
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def template_kwargs(model: torch.nn.Module, train: TrainConfig, evaluator, device, plugins,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict:  # fmt: skip
+    """The keyword arguments every suite strategy passes to Avalanche's ``SupervisedTemplate``."""
+    return dict(
+        model=model,
+        optimizer=optimizer if optimizer is not None else make_optimizer(model.parameters(), train),
+        criterion=torch.nn.CrossEntropyLoss(),
+        train_mb_size=train.batch_size,
+        train_epochs=train.epochs,
+        eval_mb_size=train.eval_batch_size,
+        device=device,
+        plugins=list(plugins or []),
+        evaluator=evaluator,
+        eval_every=-1,
+    )

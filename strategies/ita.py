@@ -34,7 +34,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from strategies import regularizers as R
-from strategies.common import TrainConfig, make_optimizer
+from strategies.common import TrainConfig, make_optimizer, template_kwargs
 from strategies.consolidation import ClassGaussians, anchor_heads
 from strategies.fisher import FisherAccumulator, fisher_sum
 from strategies.heads import ExperienceHeads, mask_to_classes
@@ -217,20 +217,9 @@ class TaskVectorStrategy(SupervisedTemplate):
         self.diagnostics: list[dict] = []
         self.prep_times: list[dict] = []
         self._diag_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        super().__init__(
-            model=model,
-            optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.lr),  # replaced per experience
-            criterion=nn.CrossEntropyLoss(),
-            train_mb_size=train.batch_size,
-            train_epochs=train.epochs,
-            eval_mb_size=train.eval_batch_size,
-            device=device,
-            plugins=list(plugins or []),
-            evaluator=evaluator,
-            eval_every=-1,
-        )
+        placeholder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.lr)  # replaced per experience
+        super().__init__(**template_kwargs(model, train, evaluator, device, plugins, optimizer=placeholder))
         self.scheduler = None
-        self._generator = None
 
     # ------------------------------------------------------------------ helpers
     @property
