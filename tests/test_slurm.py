@@ -9,6 +9,7 @@ submitit folder is fresh (stale result pickles are impossible even when job ids 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -148,28 +149,51 @@ def test_timeout_signal_requeues_and_the_run_resumes_identically(cluster, tmp_pa
     assert log.count("Starting with JobEnvironment") == 2, log[-3000:]
 
 
-def test_a_cancelled_job_is_one_line_and_the_rerun_resumes(cluster, tmp_path):
-    # slow enough that the run cannot finish in the KillWait (5 s) between scancel's SIGTERM (ignored by
-    # submitit, so that jobs can checkpoint) and its SIGKILL
-    (tmp_path / "s.yaml").write_text(SLOW.replace("epochs: 15,", "epochs: 30,"))
+def test_a_killed_job_is_one_line_and_the_rerun_resumes(cluster, tmp_path):
+    """kill -9 of the job's Python process (as the OOM killer would), then the same sweep again."""
+    (tmp_path / "s.yaml").write_text(SLOW)
     args = ["sweep", str(tmp_path / "s.yaml"), "--executor", "slurm", "--profile", "ci", "--runs-dir", str(tmp_path / "runs"), "--quiet"]
     (cell,) = load_sweep(tmp_path / "s.yaml", profile="ci", runs_dir=tmp_path / "runs").cells
     proc = subprocess.Popen([sys.executable, "-m", "bench.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     info = wait_for_step(cell, 1)
-    subprocess.run(["scancel", info["job_id"]], check=True)
+    os.kill(info["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, (out, err[-3000:])
     lines = [l for l in err.splitlines() if l.startswith("bench: ")]
     assert len(lines) == 1, err[-3000:]
     assert re.match(rf"bench: lost: split-digits small-cnn ewc s0 \[\w{{10}}\]: job {info['job_id']} ended without finishing its runs "
-                    r"\(state: CANCELLED.*\); log: \S+; \d/5 experiences are checkpointed, re-run the sweep to resume$", lines[0]), lines[0]  # fmt: skip
-    assert store.cell_state(cell.run_dir).state == "failed"
+                    r"\(state: [A-Z_]+.*\); log: \S+; \d/5 experiences are checkpointed, re-run the sweep to resume$", lines[0]), lines[0]  # fmt: skip
+    state = store.cell_state(cell.run_dir)
+    assert state.state == "failed" and state.detail.startswith(f"interrupted: pid {info['pid']}"), state
 
-    r = bench(*args)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "1 cells: 1 run now" in r.stdout
+    from bench.cli import main
+
+    assert main([*args[:3], "debug", *args[4:]]) == 0  # the re-run, here in this process, resumes the checkpoint
     rec = json.loads(cell.record_path.read_text())
     assert rec["resumes"][0]["from_step"] >= 1 and len(rec["accuracy_matrix"]) == 5  # (identical metrics: see the test above)
+
+
+def test_a_cancelled_job_is_one_line(cluster, tmp_path):
+    """scancel while the job waits in the queue (held), so that it can never finish first."""
+    (tmp_path / "s.yaml").write_text(TINY)
+    prof = profile(tmp_path, additional={"hold": True})  # sbatch --hold: pending until released
+    args = ["sweep", str(tmp_path / "s.yaml"), "--executor", "slurm", "--profile", str(prof), "--runs-dir", str(tmp_path / "runs"), "--quiet"]
+    (cell,) = load_sweep(tmp_path / "s.yaml", profile=str(prof), runs_dir=tmp_path / "runs").cells
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not (cell.run_dir / store.JOB).exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    job_id = store._read_json(cell.run_dir / store.JOB)["job_id"]
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "status", str(tmp_path / "s.yaml"), "--profile", str(prof), "--runs-dir", str(tmp_path / "runs")],
+                       capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert re.search(rf"^  running .*\(job {job_id} pending\)", r.stdout, re.M), r.stdout  # queued counts as running
+    subprocess.run(["scancel", job_id], check=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, (out, err[-3000:])
+    (line,) = [l for l in err.splitlines() if l.startswith("bench: ")]
+    assert re.match(rf"bench: lost: split-digits small-cnn naive s0 \[\w{{10}}\]: job {job_id} ended without finishing its runs "
+                    r"\(state: CANCELLED.*\); log: \S+; re-run the sweep to run it$", line), line  # fmt: skip
 
 
 def test_a_run_that_raises_and_a_job_that_dies_are_one_line_each(cluster, tmp_path):
