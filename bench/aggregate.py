@@ -233,8 +233,11 @@ def variant_labels(variants: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Readable row names: the strategy, plus what distinguishes variants within their benchmark.
 
     Settings that vary across a benchmark's variants outside the strategy's own options (backbone, training,
-    stream) are shown on every row; a strategy's own options only where that strategy has several variants.
+    stream) are shown on the rows that differ from the most common value (on every row when there is no single
+    most common value); a strategy's own options only where that strategy has several variants.
     """
+    from collections import Counter
+
     labels: dict[str, str] = {}
     by_benchmark: dict[str, list[str]] = {}
     for key, cfg in variants.items():
@@ -246,11 +249,17 @@ def variant_labels(variants: dict[str, dict[str, Any]]) -> dict[str, str]:
         by_strategy: dict[str, list[str]] = {}
         for key in keys:
             by_strategy.setdefault(variants[key]["strategy"], []).append(key)
+        usual = {}  # shared setting → its most common value, when one value is the most common
+        for n in shared:
+            (first, c1), *rest = Counter(flat[k].get(n) for k in keys).most_common(2)
+            if not rest or c1 > rest[0][1]:
+                usual[n] = first
         for strategy, same in by_strategy.items():
             own_names = set().union(*(flat[k].keys() for k in same))
             own = sorted(n for n in own_names if n.startswith("strategy_options.") and len({flat[k].get(n) for k in same}) > 1)
             for key in same:
-                parts = [f"{n.rsplit('.', 1)[-1]}={_short(flat[key][n])}" for n in shared + own if n in flat[key]]
+                shown = [n for n in shared if n in flat[key] and (n not in usual or flat[key][n] != usual[n])] + own
+                parts = [f"{n.rsplit('.', 1)[-1]}={_short(flat[key][n])}" for n in shown if n in flat[key]]
                 labels[key] = strategy + (f" ({', '.join(parts)})" if parts else "")
     return labels
 

@@ -90,8 +90,11 @@ def test_labels_name_what_varies():
         "c": base | {"strategy": "naive", "strategy_options": {}},
         "d": base | {"strategy": "naive", "strategy_options": {}, "train": {"lr": 0.01}},
     }  # fmt: skip
-    assert variant_labels(variants) == {"a": "ewc (lr=0.1, ewc_lambda=10)", "b": "ewc (lr=0.1, ewc_lambda=100)",
-                                        "c": "naive (lr=0.1)", "d": "naive (lr=0.01)"}  # fmt: skip
+    # lr varies across the benchmark's variants: shown where it differs from the most common value (0.1)
+    assert variant_labels(variants) == {"a": "ewc (ewc_lambda=10)", "b": "ewc (ewc_lambda=100)", "c": "naive", "d": "naive (lr=0.01)"}
+    two_backbones = {f"{k}{i}": v | {"backbone": bb} for i, bb in enumerate("xy") for k, v in variants.items()}
+    labels = variant_labels(two_backbones)  # no most common backbone: named on every row
+    assert labels["c0"] == "naive (backbone=x)" and labels["d1"] == "naive (backbone=y, lr=0.01)", labels
 
 
 def test_aggregate_command_writes_tables_and_reports_bad_files(store, tmp_path, capsys):
