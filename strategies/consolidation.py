@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from strategies.heads import ExperienceHeads, mask_to_classes
+from strategies.heads import ExperienceHeads
 
 
 class ClassGaussians:
@@ -66,18 +66,25 @@ def _cosine_factor(epoch: int, epochs: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
 
 
+def _positions(classes: Sequence[int], labels: torch.Tensor) -> torch.Tensor:
+    """Column of each label in ``classes`` order (the order in which head outputs are concatenated)."""
+    lookup = torch.full((max(classes) + 1,), -1, dtype=torch.long)
+    lookup[torch.tensor(list(classes))] = torch.arange(len(classes))
+    return lookup[labels]
+
+
 def linear_probe(heads: ExperienceHeads, head_index: int, features: torch.Tensor, labels: torch.Tensor,
                  epochs: int, lr: float, batch_size: int, generator: torch.Generator) -> None:  # fmt: skip
-    """Train head ``head_index`` alone on frozen features with CE masked to its classes (SGD, momentum 0.9)."""
+    """Train head ``head_index`` alone on frozen features with CE over its own classes (past logits masked
+    out, i.e. simply not computed); SGD with momentum 0.9."""
     head = heads.heads[head_index]
-    classes = heads.head_classes[head_index]
+    targets = _positions(heads.head_classes[head_index], labels)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     for _ in range(epochs):
         order = torch.randperm(len(labels), generator=generator)
         for i in range(0, len(labels), batch_size):
             idx = order[i : i + batch_size]
-            logits = mask_to_classes(heads(features[idx]), classes)
-            loss = F.cross_entropy(logits, labels[idx])
+            loss = F.cross_entropy(head(features[idx]), targets[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -86,24 +93,23 @@ def linear_probe(heads: ExperienceHeads, head_index: int, features: torch.Tensor
 def align_classifier(heads: ExperienceHeads, stats: ClassGaussians, epochs: int, lr: float, per_class: int,
                      temperature: float, batch_size: int, generator: torch.Generator) -> None:  # fmt: skip
     """Classifier alignment: train all heads on features sampled from every seen class's Gaussian,
-    CE on L2-normalised logits divided by ``temperature``; SGD with cosine annealing, fresh samples per epoch."""
-    classes = [c for c in heads.seen_classes if c in stats.params]
+    CE on L2-normalised logits (over all seen classes) divided by ``temperature``; SGD with momentum and
+    cosine annealing, fresh samples every epoch."""
+    seen = heads.seen_classes
+    classes = [c for c in seen if c in stats.params]
     if not classes or epochs <= 0:
         return
-    params = list(heads.parameters())
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(list(heads.parameters()), lr=lr, momentum=0.9)
     for epoch in range(epochs):
         for g in opt.param_groups:
             g["lr"] = lr * _cosine_factor(epoch, epochs)
         x, y = stats.sample(classes, per_class, generator)
+        targets = _positions(seen, y)
         order = torch.randperm(len(y), generator=generator)
         for i in range(0, len(y), batch_size):
             idx = order[i : i + batch_size]
-            logits = mask_to_classes(heads(x[idx]), classes)
-            seen = torch.tensor(classes)
-            normed = logits.clone()
-            normed[:, seen] = F.normalize(logits[:, seen], dim=1) / temperature
-            loss = F.cross_entropy(normed, y[idx])
+            logits = torch.cat([h(x[idx]) for h in heads.heads], dim=1)  # columns in `seen` order
+            loss = F.cross_entropy(F.normalize(logits, dim=1) / temperature, targets[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
