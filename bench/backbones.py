@@ -20,7 +20,7 @@ from torch import nn
 
 from strategies.registry import ConfigError, Options, Registry
 
-BACKBONES: Registry = Registry("backbone")
+BACKBONES: Registry = Registry("backbone", modules=("strategies.template_mixture",))  # modules that register themselves
 CACHE_VERSION = 1  # bump when the small CNN's architecture or pre-training code changes
 
 
