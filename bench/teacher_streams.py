@@ -1,0 +1,411 @@
+"""Continual streams of the hypernetwork teacher (:mod:`bench.teacher`) as Avalanche benchmarks.
+
+Each experience is a set of module combinations (every combination with ``tasks_per_combination`` tasks;
+with continuous combinations each task has its own code z on that support). For L > 1 generated layers a
+stream's combination S is used in every layer. Streams (M modules, halves A = {0..⌊M/2⌋−1}, B = the rest):
+
+============================  ==============================================================================
+``teacher-connected``         experience e adds module e: {e} and {e−1, e} (experience 0: {0}); the support
+                              is compositional and connected after every experience
+``teacher-disconnected``      M experiences: the 1- and 2-hot combinations inside A, then inside B
+``teacher-random``            a seeded 1 − ``ood_fraction`` of the pool in ``n_experiences`` experiences
+``teacher-one-module``        experience m = the single module {m} (the task-arithmetic probe)
+``teacher-noncomp``           as ``teacher-random`` with every combination using module M−1 held out
+============================  ==============================================================================
+
+Probe streams (named Avalanche streams next to ``train_stream``/``test_stream``): ``ood_stream``: held-out
+combinations of trained modules — for the connected and disconnected streams the pairs in *neither* of their
+supports, so both are scored on the same pool (the reference's rule); for one-module all pairs; for random and
+noncomp the held-out fraction. ``noncomp_stream`` (noncomp only): the combinations that use module M−1.
+
+Every experience carries its tasks (``experience.tasks``, a :class:`~bench.teacher.TaskSet`): the meta-learners
+adapt on support sets and train on query sets from them. For the suite's other strategies an experience's
+dataset holds the support and query points of its tasks (test stream: the held-out test points), with inputs
+[x, context] — context is the task's code z flattened (``context: code``, the task identity a plain network
+needs; the meta-learners never see it) or nothing (``context: none``) — and labels 8e + class, so that every
+experience brings new classes (one head per experience, as the class-incremental strategies require).
+
+``benchmark.extra_metrics(strategy)`` scores the trained strategy on the probes (see :func:`teacher_metrics`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+
+from bench.benchmarks import BENCHMARKS
+from bench.teacher import Combination, HyperTeacher, TaskSet, TeacherSpec, halves, is_compositional, is_connected, make_tasks
+from strategies.registry import ConfigError, Options
+
+
+@dataclasses.dataclass
+class TeacherOptions(Options):
+    """Teacher sizes, task data per combination, and the streams' context and probe settings."""
+
+    n_modules: int = 6
+    k_hot: int = 2
+    generated_layers: int = 1
+    input_dim: int = 16
+    output_dim: int = 8
+    hidden_dim: int = 32
+    temperature: float = 0.1
+    continuous: bool = True
+    tasks_per_combination: int = 8
+    n_support: int = 64
+    n_query: int = 64
+    n_test: int = 64
+    ood_fraction: float = 0.25
+    n_experiences: int = 5  # random and noncomp streams
+    teacher_seed: int = 0
+    context: Literal["code", "none"] = "code"
+    probe_steps: int = 100  # head-only few-shot adaptation of strategies without fast parameters
+    probe_lr: float = 0.03
+
+    def check(self) -> None:
+        for name in ("n_modules", "k_hot", "generated_layers", "input_dim", "hidden_dim", "tasks_per_combination",
+                     "n_support", "n_query", "n_test", "n_experiences", "probe_steps"):  # fmt: skip
+            self.require(getattr(self, name) >= 1, name, "must be >= 1")
+        self.require(self.output_dim >= 2, "output_dim", "must be >= 2")
+        self.require(2 <= self.k_hot <= self.n_modules, "k_hot", "must be between 2 and n_modules")
+        self.require(self.n_modules >= 4, "n_modules", "must be >= 4")
+        self.require(0 < self.ood_fraction < 1, "ood_fraction", "must be in (0, 1)")
+        self.require(self.temperature > 0, "temperature", "must be > 0")
+        self.require(self.probe_lr > 0, "probe_lr", "must be > 0")
+        self.require(self.teacher_seed >= 0, "teacher_seed", "must be >= 0")
+
+    def spec(self) -> TeacherSpec:
+        return TeacherSpec(self.input_dim, self.output_dim, self.hidden_dim, self.n_modules, self.k_hot,
+                           self.generated_layers, self.temperature, seed=self.teacher_seed)  # fmt: skip
+
+
+Sets = list[tuple[int, ...]]  # module sets (tied across generated layers)
+
+
+def _subsets(modules, k_hot: int) -> Sets:
+    return [c for h in range(1, k_hot + 1) for c in itertools.combinations(modules, h)]
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    if n > len(items):
+        raise ConfigError(f"cannot split {len(items)} combinations into {n} experiences")
+    bounds = np.linspace(0, len(items), n + 1).round().astype(int)
+    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def stream_layout(stream: str, o: TeacherOptions, stream_seed: int) -> tuple[list[Sets], dict[str, Sets]]:
+    """Module sets per training experience, and per probe stream (``ood``, ``noncomp``)."""
+    m, k = o.n_modules, o.k_hot
+    pairs = list(itertools.combinations(range(m), 2))
+    a, b = halves(m)
+    connected = [[(0,)]] + [[(e,), (e - 1, e)] for e in range(1, m)]
+    disconnected_sets = sorted(_subsets(a, 2), key=lambda c: (max(c), len(c))) + sorted(_subsets(b, 2), key=lambda c: (max(c), len(c)))
+    if stream in ("connected", "disconnected"):
+        trained = {c for exp in connected for c in exp} | set(disconnected_sets)
+        probes = {"ood": [p for p in pairs if p not in trained]}
+        if stream == "connected":
+            return connected, probes
+        return _chunks(disconnected_sets[: len(disconnected_sets) // 2], len(a)) + _chunks(disconnected_sets[len(disconnected_sets) // 2 :], len(b)), probes
+    if stream == "one-module":
+        return [[(i,)] for i in range(m)], {"ood": [c for c in _subsets(range(m), k) if len(c) > 1]}
+    if stream in ("random", "noncomp"):
+        pool = _subsets(range(m), k)
+        perm = np.random.default_rng(stream_seed).permutation(len(pool))
+        n_ood = int(round(len(pool) * o.ood_fraction))
+        shuffled = [pool[i] for i in perm]
+        train, ood = shuffled[: len(pool) - n_ood], shuffled[len(pool) - n_ood :]
+        probes = {"ood": ood}
+        if stream == "noncomp":
+            last = m - 1
+            probes = {"ood": [c for c in ood if last not in c], "noncomp": sorted((c for c in pool if last in c), key=len)}
+            train = [c for c in train if last not in c]
+        return _chunks(train, o.n_experiences), probes
+    raise ConfigError(f"unknown teacher stream {stream!r}")
+
+
+def _tied(sets: Sets, layers: int) -> list[Combination]:
+    return [tuple([s] * layers) for s in sets]
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+@dataclasses.dataclass
+class TeacherStreams:
+    """The generated tasks of one stream: per training experience, and per probe stream."""
+
+    options: TeacherOptions
+    experiences: list[TaskSet]
+    probes: dict[str, TaskSet]
+
+    def inputs(self, tasks: TaskSet, x: torch.Tensor) -> torch.Tensor:
+        """[x, context] of the tasks' points (x: (N, n, D)) as the suite's plain networks see them."""
+        if self.options.context == "none":
+            return x
+        ctx = tasks.z.reshape(len(tasks), 1, -1).expand(-1, x.shape[1], -1)
+        return torch.cat([x, ctx], dim=-1)
+
+    @property
+    def input_dim(self) -> int:
+        o = self.options
+        return o.input_dim + (o.n_modules * o.generated_layers if o.context == "code" else 0)
+
+
+def generate(stream: str, o: TeacherOptions, stream_seed: int) -> TeacherStreams:
+    """Tasks of every experience and probe; the teacher and all task data depend on ``teacher_seed`` only (so
+    every stream over the same teacher shares its tasks' data), the random split on ``stream_seed``."""
+    teacher = HyperTeacher(o.spec())
+    layout, probes = stream_layout(stream, o, stream_seed)
+
+    def tasks(sets: Sets) -> TaskSet:
+        combos = _tied(sets, o.generated_layers)
+        parts = [make_tasks(teacher, [c], o.tasks_per_combination, o.n_support, o.n_query, o.n_test, o.continuous,
+                            _seed(o.teacher_seed, o.spec(), c)) for c in combos]  # fmt: skip
+        return TaskSet.concat(parts)
+
+    return TeacherStreams(o, [tasks(s) for s in layout], {name: tasks(s) for name, s in probes.items() if s})
+
+
+def _dataset(x: torch.Tensor, y: torch.Tensor):
+    from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+
+    return _make_taskaware_tensor_classification_dataset(x, y, targets=y, task_labels=0)
+
+
+def build_stream(stream: str, o: TeacherOptions, stream_seed: int | None):
+    """The Avalanche benchmark of a teacher stream, with ``experience.tasks`` and ``extra_metrics``."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+
+    data = generate(stream, o, stream_seed or 0)
+    n_out = o.output_dim
+
+    def flat(tasks: TaskSet, part: str, offset: int):
+        x, _, hard = getattr(tasks, part)()
+        if part == "train":
+            raise AssertionError
+        return data.inputs(tasks, x).reshape(-1, data.input_dim), (hard + offset).reshape(-1)
+
+    train, test = [], []
+    for e, tasks in enumerate(data.experiences):
+        (sx, sy), (qx, qy) = flat(tasks, "support", n_out * e), flat(tasks, "query", n_out * e)
+        train.append(_dataset(torch.cat([sx, qx]), torch.cat([sy, qy])))
+        test.append(_dataset(*flat(tasks, "test", n_out * e)))
+    streams = {"train": train, "test": test}
+    streams |= {name: [_dataset(*flat(t, "test", 0))] for name, t in data.probes.items()}
+    bm = with_classes_timeline(benchmark_from_datasets(**streams))
+    for e, exp in enumerate(bm.train_stream):
+        exp.tasks = data.experiences[e]
+    for e, exp in enumerate(bm.test_stream):
+        exp.tasks = data.experiences[e]
+    for name, t in data.probes.items():
+        for exp in getattr(bm, f"{name}_stream"):
+            exp.tasks = t
+    trained_sets = [c[0] for t in data.experiences for c in t.combinations]
+    bm.teacher = data
+    bm.info = {
+        "dataset": f"teacher-{stream}",
+        "input_dim": data.input_dim,
+        "tasks_per_experience": [len(t) for t in data.experiences],
+        "combinations_per_experience": [[list(c[0]) for c in t.combinations] for t in data.experiences],
+        "probes": {name: [list(c[0]) for c in t.combinations] for name, t in data.probes.items()},
+        "compositional": is_compositional([(s,) for s in trained_sets], o.n_modules, 1),
+        "connected": is_connected([(s,) for s in trained_sets], o.n_modules, 1),
+    }
+    bm.extra_metrics = lambda strategy: teacher_metrics(data, strategy)
+    return bm
+
+
+# --------------------------------------------------------------------------- probe evaluation
+
+
+def _probe_head(features_s, soft_s, features_t, steps: int, lr: float):
+    """Few-shot read-out (monolithic protocol): a linear head from zero, AdamW on the support KL, vmapped."""
+    from strategies.meta import adapt
+
+    class _Head(torch.nn.Module):
+        def forward(self, fast, f):
+            return f @ fast["w"] + fast["b"]
+
+    head = _Head()
+    d, o = features_s.shape[-1], soft_s.shape[-1]
+    init = {"w": torch.zeros(d, o), "b": torch.zeros(o)}
+    fast = torch.func.vmap(lambda f, s: adapt(head, init, f, s, steps, lr, 1e-4, False))(features_s, soft_s)
+    logits = torch.func.vmap(head.forward)(fast, features_t)
+    return logits, torch.cat([fast["w"].flatten(1), fast["b"]], 1)
+
+
+def _plain_adapt(data: TeacherStreams, strategy, tasks: TaskSet):
+    """Accuracy and read-out parameters of a strategy without fast parameters: its network's features (the
+    composed network for task-vector strategies), a linear read-out adapted on each support set."""
+    model = strategy.model
+    model.eval()
+    features = getattr(model, "features", None) or model
+
+    def feats(x):
+        with torch.no_grad():
+            flat = data.inputs(tasks, x).reshape(-1, data.input_dim).to(strategy.device)
+            return features(flat).reshape(len(tasks), x.shape[1], -1).cpu()
+
+    (sx, ss, _), (tx, ts, _) = tasks.support(), tasks.test()
+    o = data.options
+    logits, fast = _probe_head(feats(sx), ss, feats(tx), o.probe_steps, o.probe_lr)
+    per_task = (logits.argmax(-1) == ts.argmax(-1)).float().mean(1)
+    loss = float(torch.stack([_kl(logits[i], ts[i]) for i in range(len(tasks))]).mean())
+    return float(per_task.mean()), loss, fast
+
+
+def _kl(logits, soft):
+    from bench.compmetrics import soft_kl
+
+    return soft_kl(logits, soft)
+
+
+def teacher_metrics(data: TeacherStreams, strategy) -> dict[str, float | None]:
+    """Few-shot metrics after the stream, for any strategy (adapting its fast parameters if it has some, else a
+    read-out on its features): ``id_accuracy``/``id_loss`` on the trained tasks, ``ood_accuracy``/``ood_loss`` on
+    the held-out combinations, ``comp_gap`` = id − ood, ``noncomp_accuracy`` (noncomp stream), the
+    ``*_noinfo_accuracy`` of the same adaptation from the untrained meta-learner (meta-learners only),
+    ``decode_r2`` (ridge from adapted fast parameters to z, fitted on trained tasks, scored on OOD tasks), and on
+    the one-module stream ``composition_gain`` (meta-learners: merged codes; task-vector strategies: merged task
+    vectors)."""
+    from bench import compmetrics as C
+
+    trained = TaskSet.concat(data.experiences)
+    meta = callable(getattr(strategy, "adapt_tasks", None)) and getattr(strategy, "student", None) is not None
+    out: dict[str, float | None] = {}
+
+    def run(tasks: TaskSet, initial: bool = False):
+        if meta:
+            r = strategy.adapt_tasks(tasks, initial=initial)
+            return r.accuracy, r.loss, r.fast
+        return _plain_adapt(data, strategy, tasks)
+
+    id_acc, id_loss, id_fast = run(trained)
+    out |= {"id_accuracy": id_acc, "id_loss": id_loss}
+    ood = data.probes.get("ood")
+    if ood is not None:
+        ood_acc, ood_loss, ood_fast = run(ood)
+        out |= {"ood_accuracy": ood_acc, "ood_loss": ood_loss, "comp_gap": C.compositional_gap(id_acc, ood_acc)}
+        fit_z, test_z = trained.z.flatten(1).numpy(), ood.z.flatten(1).numpy()
+        r2 = C.decoding_r2(id_fast.numpy(), fit_z, ood_fast.numpy(), test_z) if len(trained) > 2 else math.nan
+        out["decode_r2"] = None if math.isnan(r2) else r2
+        if meta:
+            out["ood_noinfo_accuracy"] = run(ood, initial=True)[0]
+    noncomp = data.probes.get("noncomp")
+    if noncomp is not None:
+        out["noncomp_accuracy"] = run(noncomp)[0]
+        if meta:
+            out["noncomp_noinfo_accuracy"] = run(noncomp, initial=True)[0]
+    if meta:
+        out["id_noinfo_accuracy"] = run(trained, initial=True)[0]
+    if ood is not None and all(len(c) == 1 for t in data.experiences for c in t.combinations[0]):
+        gain = composition_gain(data, strategy, trained, ood)
+        if gain is not None:
+            out["composition_gain"] = gain
+    return out
+
+
+def composition_gain(data: TeacherStreams, strategy, trained: TaskSet, pairs: TaskSet) -> float | None:
+    """Composition gain on the one-module stream, zero-shot on each pair {a, b} (test points):
+    acc(merged) − max(acc(a alone), acc(b alone)), averaged over pairs (2-module combinations only).
+
+    Meta-learners: fast parameters φ_a, φ_b adapted on the single-module tasks, merged as
+    φ0 + λ((φ_a − φ0) + (φ_b − φ0)); task-vector strategies (a ``pool`` of per-experience task vectors):
+    θ0 + λ(τ_a + τ_b) with the read-out fitted few-shot on the pair. λ ∈ {0.5, 1} chosen on the first pair.
+    Other strategies: None.
+    """
+    from bench import compmetrics as C
+
+    pair_idx = [i for i, c in enumerate(pairs.combinations) if len(c[0]) == 2]
+    if not pair_idx:
+        return None
+    if callable(getattr(strategy, "adapt_tasks", None)) and getattr(strategy, "student", None) is not None:
+        student = strategy.student
+        single = {}  # module → mean adapted fast parameters over its tasks
+        for m in range(data.options.n_modules):
+            idx = [i for i in range(len(trained)) if trained.combinations[int(trained.combination[i])][0] == (m,)]
+            sub = trained.subset(idx)
+            (sx, ss, _) = sub.support()
+            from strategies.meta import adapt_batch
+
+            fast = adapt_batch(student, student.pad(sx), ss, strategy.options.inner_steps, strategy.inner_lr,
+                               strategy.options.inner_weight_decay, create_graph=False)  # fmt: skip
+            single[m] = {k: v.mean(0) for k, v in fast.items()}
+        init = {k: v.detach() for k, v in student.init_fast().items()}
+
+        def acc(fast, tasks):
+            (tx, ts, _) = tasks.test()
+            return C.agreement_accuracy(strategy.predict_with(fast, tx.reshape(-1, tx.shape[-1])), ts.reshape(-1, ts.shape[-1]))
+
+        def merged(a, b, lam):
+            return {k: init[k] + lam * (single[a][k] - init[k] + single[b][k] - init[k]) for k in init}
+    elif hasattr(getattr(strategy, "model", None), "pool"):
+        return _task_vector_gain(data, strategy, pairs, pair_idx)
+    else:
+        return None
+    combos = [pairs.combinations[i][0] for i in pair_idx]
+    by_combo = {c: pairs.subset([j for j in range(len(pairs)) if int(pairs.combination[j]) == i]) for i, c in zip(pair_idx, combos)}
+    first = combos[0]
+    lam = max((0.5, 1.0), key=lambda lam_: acc(merged(*first, lam_), by_combo[first]))
+    rest = combos[1:] or combos
+    merged_acc = [acc(merged(a, b, lam), by_combo[(a, b)]) for a, b in rest]
+    singles = [[acc(single[a], by_combo[(a, b)]), acc(single[b], by_combo[(a, b)])] for a, b in rest]
+    return C.composition_gain(merged_acc, singles)
+
+
+def _task_vector_gain(data: TeacherStreams, strategy, pairs: TaskSet, pair_idx: list[int]) -> float | None:
+    """Merged task vectors θ0 + λ(τ_a + τ_b) vs single ones, read-out fitted few-shot on each pair's support."""
+    from bench import compmetrics as C
+
+    model = strategy.model
+    pool = model.pool
+    if pool.num_tasks != data.options.n_modules:
+        return None
+    o = data.options
+    model.eval()
+
+    def acc(coefficients, tasks: TaskSet) -> float:
+        weights = pool.weights(coefficients)
+
+        def feats(x):
+            with torch.no_grad():
+                flat = data.inputs(tasks, x).reshape(-1, data.input_dim).to(strategy.device)
+                return pool.forward_with(weights, flat).reshape(len(tasks), x.shape[1], -1).cpu()
+
+        (sx, ss, _), (tx, ts, _) = tasks.support(), tasks.test()
+        logits, _ = _probe_head(feats(sx), ss, feats(tx), o.probe_steps, o.probe_lr)
+        return C.agreement_accuracy(logits, ts)
+
+    def coeff(**weights) -> list[float]:
+        return [weights.get(f"m{t}", 0.0) for t in range(pool.num_tasks)]
+
+    combos = [pairs.combinations[i][0] for i in pair_idx]
+    by_combo = {c: pairs.subset([j for j in range(len(pairs)) if int(pairs.combination[j]) == i]) for i, c in zip(pair_idx, combos)}
+    first = combos[0]
+    lam = max((0.5, 1.0), key=lambda lam_: acc(coeff(**{f"m{first[0]}": lam_, f"m{first[1]}": lam_}), by_combo[first]))
+    rest = combos[1:] or combos
+    merged = [acc(coeff(**{f"m{a}": lam, f"m{b}": lam}), by_combo[(a, b)]) for a, b in rest]
+    singles = [[acc(coeff(**{f"m{a}": 1.0}), by_combo[(a, b)]), acc(coeff(**{f"m{b}": 1.0}), by_combo[(a, b)])] for a, b in rest]
+    return C.composition_gain(merged, singles)
+
+
+for _stream, _summary in [
+    ("connected", "Hypernetwork teacher: connected curriculum, experience e adds module e ({e}, {e-1,e})."),
+    ("disconnected", "Hypernetwork teacher: modules of one half, then of the other (disconnected support)."),
+    ("random", "Hypernetwork teacher: random i.i.d. combinations in n_experiences, ood_fraction held out."),
+    ("one-module", "Hypernetwork teacher: one single-module task per experience (task-arithmetic probe)."),
+    ("noncomp", "Hypernetwork teacher: non-compositional control, module M-1 never trained (noncomp probe)."),
+]:
+
+    def _build(options: TeacherOptions, stream_seed: int | None, _s=_stream):
+        return build_stream(_s, options, stream_seed)
+
+    _build.__doc__ = _summary
+    BENCHMARKS.register(f"teacher-{_stream}", TeacherOptions)(_build)
