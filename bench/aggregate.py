@@ -33,6 +33,10 @@ METRICS = (
     ("total_wall_s", "Wall time (s)", 1.0, 0),
 )
 SEED_KEYS = ("seed", "stream_seed")
+STANDARD_METRICS = ("final_average_accuracy", "forgetting", "bwt", "accuracy_curve")
+# Any other scalar in a record's ``metrics`` (e.g. a benchmark's extra_metrics) becomes a column of ``runs`` and
+# of the tables of the benchmarks whose runs report it, shown as recorded with 3 decimals.
+EXTRA_SCALE, EXTRA_DECIMALS = 1.0, 3
 
 
 @dataclasses.dataclass
@@ -48,6 +52,7 @@ class Results:
     raw_curves: dict[str, list] = dataclasses.field(default_factory=dict)  # run id → accuracy curve
     raw_matrices: dict[str, list] = dataclasses.field(default_factory=dict)  # run id → accuracy matrix
     raw_diagnostics: dict[str, list] = dataclasses.field(default_factory=dict)  # run id → [(experience, key, value)]
+    extra_metrics: list[str] = dataclasses.field(default_factory=list)  # extra scalar metric columns, first seen first
 
     def benchmarks(self) -> list[str]:
         return sorted(self.runs["benchmark"].unique()) if len(self.runs) else []
@@ -162,6 +167,7 @@ def load_results(paths: Iterable[str | Path], profile: str | None = None, runs_d
     variant_of: dict[str, str] = {}  # canonical JSON of a config without seeds → variant key
     skipped: list[tuple[str, str]] = []
     seen: dict[str, str] = {}
+    extra_names: list[str] = []
     for path in find_record_files(paths, profile, runs_dir):
         try:
             rec = _parse(path.read_text(), path)
@@ -179,6 +185,8 @@ def load_results(paths: Iterable[str | Path], profile: str | None = None, runs_d
             matrix, curve = rec["accuracy_matrix"], m["accuracy_curve"] or []
             if not isinstance(matrix, list) or not all(isinstance(r, list) for r in matrix) or not isinstance(curve, list):
                 raise TypeError("accuracy_matrix or accuracy_curve is not a list")
+            extra_metrics = {k: _number(v) for k, v in m.items()
+                             if k not in STANDARD_METRICS and k not in row and (v is None or _is_number(v))}  # fmt: skip
             extras = rec.get("strategy_extras") or {}
             diag = extras.get("diagnostics") if isinstance(extras, dict) else None
             run_diag = _diagnostics(diag) if isinstance(diag, list) else []
@@ -199,7 +207,8 @@ def load_results(paths: Iterable[str | Path], profile: str | None = None, runs_d
             key = variant_of[canonical] = hashlib.sha256(canonical.encode()).hexdigest()[:12]
             variants[key] = json.loads(canonical)
         row["variant"] = key
-        runs.append(row)
+        runs.append(row | extra_metrics)
+        extra_names.extend(k for k in extra_metrics if k not in extra_names)
         curves[run_id], matrices[run_id] = curve, matrix
         if run_diag:
             diagnostics[run_id] = run_diag
@@ -209,7 +218,7 @@ def load_results(paths: Iterable[str | Path], profile: str | None = None, runs_d
     if len(runs_df):
         runs_df["label"] = runs_df["variant"].map(labels)
     return Results(runs=runs_df, variants=variants, skipped=skipped, raw_curves=curves, raw_matrices=matrices,
-                   raw_diagnostics=diagnostics)  # fmt: skip
+                   raw_diagnostics=diagnostics, extra_metrics=extra_names)  # fmt: skip
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
@@ -267,7 +276,7 @@ def variant_labels(variants: dict[str, dict[str, Any]]) -> dict[str, str]:
 def summary_table(results: Results, benchmark: str):
     """Per variant of ``benchmark``: n seeds, seeds, and mean/std of every metric; sorted by final accuracy."""
     runs = results.runs[results.runs["benchmark"] == benchmark]
-    metric_cols = [m[0] for m in METRICS]
+    metric_cols = [m[0] for m in METRICS] + [k for k in results.extra_metrics if runs[k].notna().any()]
     grouped = runs.groupby("variant", sort=False)
     table = grouped[metric_cols].agg(["mean", "std"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
@@ -289,12 +298,20 @@ def _cell(mean: float, std: float, n: int, scale: float, decimals: int, pm: str)
     return text
 
 
+def table_metrics(table) -> list[tuple[str, str, float, int]]:
+    """The metric columns of a summary table: the standard ones, then its extra metrics."""
+    standard = {m[0] for m in METRICS}
+    extra = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean") and c[: -len("_mean")] not in standard]
+    return list(METRICS) + [(k, k, EXTRA_SCALE, EXTRA_DECIMALS) for k in extra]
+
+
 def to_markdown(table) -> str:
-    header = ["Strategy", "n"] + [m[1] for m in METRICS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---", "---:"] + ["---:"] * len(METRICS)) + "|"]
+    metrics = table_metrics(table)
+    header = ["Strategy", "n"] + [m[1] for m in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---", "---:"] + ["---:"] * len(metrics)) + "|"]
     for r in table.to_dict("records"):
         cells = [r["label"].replace("|", "\\|"), str(r["n_seeds"])]
-        cells += [_cell(r[f"{m}_mean"], r[f"{m}_std"], r["n_seeds"], scale, dec, "±") for m, _, scale, dec in METRICS]
+        cells += [_cell(r[f"{m}_mean"], r[f"{m}_std"], r["n_seeds"], scale, dec, "±") for m, _, scale, dec in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -308,13 +325,14 @@ def _latex_escape(text: str) -> str:
 
 def to_latex(table, caption: str) -> str:
     """A booktabs table (``\\usepackage{booktabs}``)."""
-    header = ["Strategy", "$n$"] + [_latex_escape(m[1]) for m in METRICS]
+    metrics = table_metrics(table)
+    header = ["Strategy", "$n$"] + [_latex_escape(m[1]) for m in metrics]
     lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_latex_escape(caption)}}}",
-             r"\begin{tabular}{l" + "r" * (1 + len(METRICS)) + "}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]  # fmt: skip
+             r"\begin{tabular}{l" + "r" * (1 + len(metrics)) + "}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]  # fmt: skip
     for r in table.to_dict("records"):
         cells = [_latex_escape(r["label"]), str(r["n_seeds"])]
         cells += [_cell(r[f"{m}_mean"], r[f"{m}_std"], r["n_seeds"], scale, dec, r"$\pm$").replace("–", "--")
-                  for m, _, scale, dec in METRICS]  # fmt: skip
+                  for m, _, scale, dec in metrics]  # fmt: skip
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
@@ -349,7 +367,7 @@ def write_tables(results: Results, out: Path) -> list[Path]:
     if len(results.runs):
         cols = ["run_id", "benchmark", "backbone", "strategy", "label", "seed", "stream_seed", "n_experiences",
                 "final_average_accuracy", "forgetting", "bwt", "total_wall_s", "total_cpu_s", "peak_memory_mb",
-                "config_hash", "commit", "path"]  # fmt: skip
+                "config_hash", "commit", "path"] + results.extra_metrics  # fmt: skip
         runs = results.runs.sort_values(["benchmark", "label", "seed"])[cols]
         runs = runs.assign(path=runs["path"].map(_shown_path))  # the tables may be committed: no home folders in them
         runs.to_csv(folder / "runs.csv", index=False)

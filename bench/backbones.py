@@ -292,6 +292,39 @@ def vit_b16(options: ViTOptions) -> nn.Module:
     return TimmViT(options)
 
 
+@dataclasses.dataclass
+class MLPOptions(Options):
+    """A plain ReLU MLP on flat inputs; ``in_features: null`` takes the stream's ``info['input_dim']``."""
+
+    in_features: int | None = None
+    hidden: list[int] = dataclasses.field(default_factory=lambda: [64, 64])
+
+    def check(self) -> None:
+        self.require(self.in_features is None or self.in_features >= 1, "in_features", "must be >= 1")
+        self.require(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "hidden", "must be widths >= 1")
+
+
+class MLP(nn.Module):
+    """x (B, in_features) → [Linear, ReLU] per hidden width → (B, hidden[-1]); randomly initialised (training seed)."""
+
+    def __init__(self, options: MLPOptions):
+        super().__init__()
+        if options.in_features is None:
+            raise ConfigError("backbone mlp needs in_features (set backbone.in_features, or use a stream that gives it)")
+        widths = [options.in_features, *options.hidden]
+        self.layers = nn.Sequential(*[m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
+        self.in_features, self.out_features = options.in_features, widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.flatten(1))
+
+
+@BACKBONES.register("mlp", MLPOptions)
+def mlp(options: MLPOptions) -> nn.Module:
+    """Plain MLP (no pre-training) for flat synthetic inputs such as the hypernetwork-teacher streams."""
+    return MLP(options)
+
+
 def build_backbone(name: str, options: dict | Options | None = None) -> nn.Module:
     """Resolve ``name`` and its options, and build the backbone."""
     entry = BACKBONES[name]

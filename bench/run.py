@@ -154,6 +154,9 @@ def execute(
 
     Strategies may expose ``record_extras() -> dict`` (stored under ``strategy_extras``) and
     ``save_artifacts(folder) -> list[str]`` (e.g. task vectors; called when ``artifacts_dir`` is given).
+    Benchmarks may expose ``extra_metrics(strategy) -> dict`` (scalar metrics of the trained strategy, e.g. on
+    probe streams; merged into the record's ``metrics``) and ``info['input_dim']`` (given to a backbone whose
+    ``in_features`` option is null).
 
     With ``checkpoint_path``, the complete training state is saved there after every experience (see
     :mod:`bench.checkpoint`), and a checkpoint already there (of the same config) is resumed: the record of a
@@ -239,7 +242,10 @@ class _Session:
         cfg = resolved.config
         seed_everything(cfg.seed)
         bm = build_benchmark(cfg.benchmark, resolved.benchmark, cfg.stream_seed)
-        backbone = build_backbone(cfg.backbone, resolved.backbone)
+        backbone_options = resolved.backbone
+        if getattr(backbone_options, "in_features", 0) is None and "input_dim" in getattr(bm, "info", {}):
+            backbone_options = dataclasses.replace(backbone_options, in_features=bm.info["input_dim"])  # a copy: the config stays as given
+        backbone = build_backbone(cfg.backbone, backbone_options)
         seed_everything(cfg.seed)  # the same state whether the backbone came from the cache or was just built
         model = ClassIncrementalNet(backbone)
         strategy = STRATEGIES[cfg.strategy].factory(
@@ -320,6 +326,10 @@ def _record(resolved: ResolvedRun, session: _Session, loop: dict[str, Any], timi
         "peak_cuda_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "environment": environment(),
     }
+    extra_metrics = getattr(session.benchmark, "extra_metrics", None)
+    if callable(extra_metrics):
+        metrics = metrics | extra_metrics(session.strategy)
+        record["metrics"] = metrics
     extra = getattr(session.strategy, "record_extras", None)
     if callable(extra):
         record["strategy_extras"] = extra()

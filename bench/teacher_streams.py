@@ -305,7 +305,7 @@ def teacher_metrics(data: TeacherStreams, strategy) -> dict[str, float | None]:
             out["noncomp_noinfo_accuracy"] = run(noncomp, initial=True)[0]
     if meta:
         out["id_noinfo_accuracy"] = run(trained, initial=True)[0]
-    if ood is not None and all(len(c) == 1 for t in data.experiences for c in t.combinations[0]):
+    if ood is not None and all(len(c[0]) == 1 for t in data.experiences for c in t.combinations):
         gain = composition_gain(data, strategy, trained, ood)
         if gain is not None:
             out["composition_gain"] = gain

@@ -185,5 +185,5 @@ class Options:
         return dataclasses.asdict(self)
 
 
-STRATEGIES: Registry = Registry("strategy", modules=("strategies.baselines", "strategies.ita"))
+STRATEGIES: Registry = Registry("strategy", modules=("strategies.baselines", "strategies.ita", "strategies.meta"))
 """Every strategy of the suite: ``STRATEGIES[name].factory(model, options, train_config, evaluator=, device=, plugins=)``."""
