@@ -15,7 +15,7 @@ import numpy as np
 from bench.datasets import ArrayData, concat_datasets, images_as_float, load_dataset
 from strategies.registry import ConfigError, Options, Registry
 
-BENCHMARKS: Registry = Registry("benchmark", modules=("bench.teacher_streams",))  # modules that register themselves
+BENCHMARKS: Registry = Registry("benchmark", modules=("bench.domains", "bench.teacher_streams"))  # modules that register themselves
 
 
 @dataclasses.dataclass

@@ -152,8 +152,10 @@ def execute(
 ) -> dict[str, Any]:
     """Train the stream and return the record (not yet written).
 
-    Strategies may expose ``record_extras() -> dict`` (stored under ``strategy_extras``) and
-    ``save_artifacts(folder) -> list[str]`` (e.g. task vectors; called when ``artifacts_dir`` is given).
+    Strategies may expose ``record_extras() -> dict`` (stored under ``strategy_extras``),
+    ``save_artifacts(folder) -> list[str]`` (e.g. task vectors; called when ``artifacts_dir`` is given) and
+    ``final_metrics(benchmark) -> dict`` (scalar metrics computed after the stream, e.g. transfer to a task the
+    benchmark held out; merged into the record's ``metrics``; must not change what later steps would see).
     Benchmarks may expose ``extra_metrics(strategy) -> dict`` (scalar metrics of the trained strategy, e.g. on
     probe streams; merged into the record's ``metrics``) and ``info['input_dim']`` (given to a backbone whose
     ``in_features`` option is null).
@@ -330,6 +332,9 @@ def _record(resolved: ResolvedRun, session: _Session, loop: dict[str, Any], timi
     if callable(extra_metrics):
         metrics = metrics | extra_metrics(session.strategy)
         record["metrics"] = metrics
+    final_metrics = getattr(session.strategy, "final_metrics", None)
+    if callable(final_metrics):
+        record["metrics"] = record["metrics"] | final_metrics(session.benchmark)
     extra = getattr(session.strategy, "record_extras", None)
     if callable(extra):
         record["strategy_extras"] = extra()

@@ -185,5 +185,5 @@ class Options:
         return dataclasses.asdict(self)
 
 
-STRATEGIES: Registry = Registry("strategy", modules=("strategies.baselines", "strategies.ita", "strategies.meta"))
+STRATEGIES: Registry = Registry("strategy", modules=("strategies.baselines", "strategies.ita", "strategies.meta", "strategies.template_strategies"))
 """Every strategy of the suite: ``STRATEGIES[name].factory(model, options, train_config, evaluator=, device=, plugins=)``."""

@@ -65,7 +65,8 @@ class IA3Delta(nn.Module):
 
 def select_layers(model: nn.Module, layers: str | Sequence[str] = "all") -> list[str]:
     """Names of the weight tensors to tune: ``"all"`` (every Linear and Conv2d), ``"linear"``, ``"conv"``,
-    or fnmatch patterns over module names (``"blocks.*.mlp.fc*"``)."""
+    or fnmatch patterns over module names (``"blocks.*.mlp.fc*"``); a pattern that is exactly the name of a
+    parameter selects that tensor whatever its module (e.g. a template network's mixture logits ``"xi"``)."""
     kinds = {"all": (nn.Linear, nn.Conv2d), "linear": (nn.Linear,), "conv": (nn.Conv2d,)}
     patterns = None
     if isinstance(layers, str) and layers in kinds:
@@ -78,6 +79,8 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] = "all") -> list
         if isinstance(module, wanted) and getattr(module, "weight", None) is not None:
             if patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 names.append(f"{name}.weight")
+    if patterns is not None:
+        names += [n for n, _ in model.named_parameters() if n in patterns and n not in names]
     if not names:
         raise ValueError(f"no Linear/Conv2d layer of the model matches layers={layers!r}")
     return names
