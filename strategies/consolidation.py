@@ -108,7 +108,10 @@ def align_classifier(heads: ExperienceHeads, stats: ClassGaussians, epochs: int,
         order = torch.randperm(len(y), generator=generator)
         for i in range(0, len(y), batch_size):
             idx = order[i : i + batch_size]
-            logits = torch.cat([h(x[idx]) for h in heads.heads], dim=1)  # columns in `seen` order
+            # one matmul over the stacked heads; columns in `seen` order
+            weight = torch.cat([h.weight for h in heads.heads])
+            bias = torch.cat([h.bias for h in heads.heads])
+            logits = F.linear(x[idx], weight, bias)
             loss = F.cross_entropy(F.normalize(logits, dim=1) / temperature, targets[idx])
             opt.zero_grad()
             loss.backward()
