@@ -203,9 +203,6 @@ class TemplateMixtureNet(nn.Module):
         """The unshared network's program: block ℓ uses template ℓ (identity)."""
         return torch.eye(self.n_blocks, device=self.stem.weight.device)
 
-    def shared_parameters(self) -> list[nn.Parameter]:
-        return list(self.parameters())
-
     def forward(self, x: torch.Tensor, mixture: torch.Tensor, norms: TaskNorms) -> torch.Tensor:
         if x.dim() == 2:
             x = x[:, :, None, None]
@@ -358,8 +355,27 @@ class TaskProgramNet(MultiTaskModule):
         return out
 
 
-def build_body(options: TemplateMixtureOptions) -> TemplateMixtureNet:
-    return TemplateMixtureNet(options)
+@torch.no_grad()
+def recalibrate_statistics(norms: nn.Module, forward, batches) -> None:
+    """Replace the running statistics of every normalisation in ``norms`` by their exact averages over
+    ``batches`` under the current weights ("precise BN", Wu & Johnson 2021): reset, then cumulative averages
+    (momentum None) of the batch statistics while ``forward(x)`` runs with ``norms`` in training mode.
+
+    During training the running statistics trail a moving network (momentum 0.1 over a few dozen steps); on
+    small data the lag cost up to 40 points of test accuracy. Only ``norms`` change; nothing else is trained.
+    """
+    layers = [m for m in norms.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    was_training = norms.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    norms.train()
+    for x in batches:
+        forward(x)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    norms.train(was_training)
 
 
 def body_of(model: nn.Module) -> TemplateMixtureNet:

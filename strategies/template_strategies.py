@@ -46,7 +46,7 @@ from strategies.fisher import fisher_sum
 from strategies.heads import mask_to_classes
 from strategies.ita import ComposableNet, IELOptions, ITAOptions, TaskVectorStrategy
 from strategies.registry import STRATEGIES, ConfigError, Options
-from strategies.template_mixture import ProgramNet, TaskProgramNet, TemplateMixtureNet, body_of, mixture_of
+from strategies.template_mixture import ProgramNet, TaskProgramNet, TemplateMixtureNet, body_of, mixture_of, recalibrate_statistics
 
 ProgramInit = Literal["uniform", "copy", "mean"]
 
@@ -60,6 +60,7 @@ class ProgramOptions(Options):
     similarity_examples: int = 256  # examples of the new task used to pick the most similar program (copy)
     ladder: bool = True  # transfer ladder on the benchmark's held-out domain after the stream
     ladder_epochs: int | None = None  # None: train.epochs
+    recalibrate: bool = True  # after training a task, its statistics = exact averages over its training data
 
     def check(self) -> None:
         self.require(self.program_lr_scale > 0, "program_lr_scale", "must be > 0")
@@ -168,6 +169,15 @@ def summary_metrics(summary: dict) -> dict[str, float | None]:
     }
 
 
+def _inputs(dataset, batch_size: int, device):
+    """The inputs of a dataset in its own order (for recalibrating statistics)."""
+    return (x.to(device) for x, *_ in DataLoader(dataset, batch_size=batch_size))
+
+
+def _task_data(dataset, task: int):
+    return dataset.task_set[task] if hasattr(dataset, "task_set") else dataset
+
+
 def _train_loop(net: nn.Module, params_and_scales, dataset, train: TrainConfig, epochs: int, generator: torch.Generator,
                 device, forward) -> None:  # fmt: skip
     opt = optimizer_for(params_and_scales, train)
@@ -191,7 +201,7 @@ def _accuracy(forward, dataset, batch_size: int, device) -> float:
 
 
 def transfer_ladder(body: TemplateMixtureNet, init_logits: torch.Tensor | None, heldout: dict, train: TrainConfig,
-                    epochs: int, program_lr_scale: float, seed: int, device="cpu") -> dict[str, float | None]:  # fmt: skip
+                    epochs: int, program_lr_scale: float, seed: int, device="cpu", recalibrate: bool = True) -> dict[str, float | None]:  # fmt: skip
     """Accuracy on a held-out task after training, from the same start (program ``init_logits``, fresh
     statistics and head): the head only; the program ξ and the head; everything (full fine-tuning).
     Runs on copies; the strategy's own model is not changed. ``program`` is None for fixed programs."""
@@ -220,6 +230,8 @@ def transfer_ladder(body: TemplateMixtureNet, init_logits: torch.Tensor | None, 
                     p.requires_grad_(True)
             gen = torch.Generator().manual_seed(seed)
             _train_loop(net, groups, train_ds, train, epochs, gen, device, lambda x: net(x, task))
+            if recalibrate:
+                recalibrate_statistics(net.norms[str(task)], lambda x: net(x, task), _inputs(train_ds, train.eval_batch_size, device))
             net.eval()
             out[rung] = _accuracy(lambda x: net(x, task), test_ds, train.eval_batch_size, device)
     return out
@@ -273,7 +285,8 @@ class _ProgramBookkeeping:
                 seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
                 epochs = self.program_options.ladder_epochs or self.train_config.epochs
                 self.ladder_result = transfer_ladder(self.body(), self.ladder_start(), heldout, self.train_config, epochs,
-                                                     self.program_options.program_lr_scale, seed, self.device)  # fmt: skip
+                                                     self.program_options.program_lr_scale, seed, self.device,
+                                                     self.program_options.recalibrate)  # fmt: skip
                 self.ladder_result["domain"] = heldout.get("domain")
             r = self.ladder_result
             metrics |= {"ladder_head": r["head"], "ladder_program": r["program"], "ladder_full": r["full"]}
@@ -287,7 +300,15 @@ class _ProgramBookkeeping:
 
 
 class _TaskProgramViews(_ProgramBookkeeping):
-    """What the task-aware strategies (a :class:`TaskProgramNet`) report."""
+    """What the task-aware strategies (a :class:`TaskProgramNet`) report, and their statistics' recalibration."""
+
+    def _recalibrate(self, tasks) -> None:
+        if not self.options.recalibrate:
+            return
+        for t in tasks:
+            data = _task_data(self.adapted_dataset, t)
+            recalibrate_statistics(self.model.norms[str(t)], lambda x, t=t: self.model(x, t),
+                                   _inputs(data, self.train_config.eval_batch_size, self.device))  # fmt: skip
 
     _ladder_copy: torch.Tensor | None = None
 
@@ -367,8 +388,7 @@ class TemplateStrategy(_TaskProgramViews, SupervisedTemplate):
             if self.options.program_init == "mean":
                 xi.copy_(torch.stack(list(earlier.values())).mean(0))
             else:
-                data = self.adapted_dataset.task_set[task] if hasattr(self.adapted_dataset, "task_set") else self.adapted_dataset
-                x, y = _sample(data, self.options.similarity_examples, self.device)
+                x, y = _sample(_task_data(self.adapted_dataset, task), self.options.similarity_examples, self.device)
                 source = most_similar_task(self.body(), earlier, x, y)
                 xi.copy_(earlier[source])
                 self.copied_from[task] = source
@@ -389,6 +409,7 @@ class TemplateStrategy(_TaskProgramViews, SupervisedTemplate):
 
     def _after_training_exp(self, **kwargs):
         tasks = list(getattr(self.experience, "task_labels", [0]))
+        self._recalibrate(tasks)
         if self.mode == "ewc":
             for t in tasks:
                 anchor, fisher = self.shared_fisher(t)
@@ -400,8 +421,7 @@ class TemplateStrategy(_TaskProgramViews, SupervisedTemplate):
     def shared_fisher(self, task: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """θ*_t and the diagonal true Fisher of the EWC parameters, on up to ``fisher_max_examples`` of task t's
         training examples (the network in eval mode: the task's running statistics)."""
-        data = self.adapted_dataset.task_set[task] if hasattr(self.adapted_dataset, "task_set") else self.adapted_dataset
-        x, _ = _sample(data, self.options.fisher_max_examples, self.device)
+        x, _ = _sample(_task_data(self.adapted_dataset, task), self.options.fisher_max_examples, self.device)
         body, net = self.body(), self.model
         names = self._ewc_names()
         params = dict(body.named_parameters())
@@ -450,6 +470,7 @@ class TemplateJointTraining(_TaskProgramViews, JointTraining):
         """Built in :meth:`check_model_and_optimizer`."""
 
     def _after_training_exp(self, **kwargs):
+        self._recalibrate(self.model.tasks)
         self._log_programs(len(self.model.tasks))
         super()._after_training_exp(**kwargs)
 
@@ -467,6 +488,7 @@ class _TemplateVectorFields:
     similarity_examples: int = 256
     ladder: bool = True
     ladder_epochs: int | None = None
+    recalibrate: bool = True  # statistics of θ0 = exact averages over the first experience's training data
 
 
 def _check_vector_options(opts) -> None:
@@ -583,6 +605,8 @@ class TemplateVectorStrategy(_ProgramBookkeeping, TaskVectorStrategy):
                 opt.zero_grad()
                 F.cross_entropy(mask_to_classes(self.model.heads(backbone(x)), classes), y).backward()
                 opt.step()
+        if self.options.recalibrate:
+            recalibrate_statistics(backbone.norms, backbone, _inputs(self.adapted_dataset, self.train_config.eval_batch_size, self.device))
         for p in backbone.parameters():
             p.requires_grad_(False)
         backbone.freeze_statistics()
