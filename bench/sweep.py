@@ -12,7 +12,7 @@ A sweep file is YAML::
     strategies:                      # a mapping name → options, or a list of names
       naive: {}
       ewc: {ewc_lambda: {grid: [10, 100]}}     # {grid: [...]} makes a value an axis of the sweep
-      ita: {alpha: 0.1, train: {optimizer: adamw, lr: 0.001}}   # per-strategy training overrides
+      ita: {alpha: 0.1, train: {optimizer: adamw, lr: 0.001}}   # per-strategy training (and `backbone:`) overrides
     train: {epochs: 2, lr: 0.05}
 
 Each cell is one :class:`~bench.run.RunConfig`; its identity is the content hash of the fully resolved config
@@ -171,8 +171,11 @@ def expand(data: dict[str, Any], profile: Any, output: Path, where: str) -> list
             strat_train = strat_opts.pop("train", None) or {}
             if not isinstance(strat_train, dict):
                 raise ConfigError(f"{where}: strategies.{strat_name}.train must be a mapping of training options, got {strat_train!r}")
+            strat_backbone = strat_opts.pop("backbone", None) or {}
+            if not isinstance(strat_backbone, dict):
+                raise ConfigError(f"{where}: strategies.{strat_name}.backbone must be a mapping of backbone options, got {strat_backbone!r}")
             for (bo, bv), (ko, kv), (so, sv), (to, tv) in itertools.product(
-                grid(bench_opts, f"{where}: benchmarks.{bench_name}"), grid(bb_opts, f"{where}: backbones.{bb_name}"),
+                grid(bench_opts, f"{where}: benchmarks.{bench_name}"), grid(bb_opts | strat_backbone, f"{where}: backbones.{bb_name}"),
                 grid(strat_opts, f"{where}: strategies.{strat_name}"), grid(train | strat_train, f"{where}: train"),
             ):  # fmt: skip
                 varied = " ".join(f"{k}={v}" for k, v in (bv | kv | sv | tv).items())

@@ -484,7 +484,7 @@ class TemplateJointTraining(_TaskProgramViews, JointTraining):
 @dataclasses.dataclass
 class _TemplateVectorFields:
     program_init: ProgramInit = "uniform"  # uniform: τ = 0 (the base program); copy / mean of earlier τ (full tuning)
-    program_lr_scale: float = 1.0  # the first experience's ξ learning-rate multiplier (τ uses train.lr)
+    program_lr_scale: float = 10.0  # learning rate of ξ0 (first experience) and of τ_t = scale × train.lr
     similarity_examples: int = 256
     ladder: bool = True
     ladder_epochs: int | None = None
@@ -583,6 +583,11 @@ class TemplateVectorStrategy(_ProgramBookkeeping, TaskVectorStrategy):
             self._train_base_network()
         super()._prepare_experience()
         t = self.task
+        # the programs' learning rate, as in the other template strategies (the head keeps train.lr)
+        head = list(self.model.heads.heads[t].parameters())
+        self.optimizer = optimizer_for([(head, 1.0), (self.pool.task_parameters(t), self.options.program_lr_scale)], self.train_config)
+        if self.scheduler is not None:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.scheduler.lr_lambdas[0])
         if t > 0 and self.options.program_init != "uniform":
             self._init_vector(t)
         if t not in self.initial_programs:
