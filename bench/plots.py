@@ -173,6 +173,31 @@ def plot_diagnostics(results: Results, benchmark: str, base: Path) -> list[Path]
     return _save(fig, base / "diagnostics")
 
 
+def plot_extra_metrics(results: Results, benchmark: str, base: Path) -> list[Path] | None:
+    """One bar panel per extra scalar metric the benchmark's runs record (e.g. probe accuracies, decoding R²)."""
+    runs = results.runs[results.runs["benchmark"] == benchmark]
+    names = [k for k in results.extra_metrics if k in runs and runs[k].notna().any()]
+    if not names:
+        return None
+    plt, sns = _setup()
+    order = _order(results, benchmark)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, rows * (0.35 * len(order) + 1.4)), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        data = runs[runs[name].notna()]
+        shown = [label for label in order if label in set(data["label"])]
+        sns.barplot(data=data, y="label", x=name, hue="label", order=shown, hue_order=shown, palette=_palette(sns, order),
+                    errorbar="sd", capsize=0.3, err_kws={"linewidth": 1.2}, legend=False, ax=ax)  # fmt: skip
+        sns.stripplot(data=data, y="label", x=name, order=shown, color="black", size=3, alpha=0.7, ax=ax)
+        ax.set(xlabel=name, ylabel="")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"{benchmark}: extra metrics (mean ± sd over seeds)")
+    fig.tight_layout()
+    return _save(fig, base / "extra_metrics")
+
+
 def plot_benchmark(results: Results, benchmark: str, folder: Path) -> dict[str, list[Path]]:
     """Every figure for ``benchmark`` under ``folder``; returns {figure name: [png, pdf]} for those drawn."""
     import numpy as np
@@ -190,7 +215,7 @@ def plot_benchmark(results: Results, benchmark: str, folder: Path) -> dict[str, 
 def _draw(results: Results, benchmark: str, folder: Path, drawn: dict) -> None:
     for name, fn in (("final_accuracy", plot_final_accuracy), ("accuracy_curve", plot_accuracy_curves),
                      ("forgetting", plot_forgetting), ("accuracy_matrix", plot_accuracy_matrices),
-                     ("diagnostics", plot_diagnostics)):  # fmt: skip
+                     ("diagnostics", plot_diagnostics), ("extra_metrics", plot_extra_metrics)):  # fmt: skip
         paths = fn(results, benchmark, Path(folder))
         if paths:
             drawn[name] = paths

@@ -62,7 +62,7 @@ class TeacherOptions(Options):
     n_test: int = 64
     ood_fraction: float = 0.25
     n_experiences: int = 5  # random and noncomp streams
-    teacher_seed: int = 0
+    teacher_seed: int | None = None  # None: the stream seed (so each seed of a sweep has its own teacher)
     context: Literal["code", "none"] = "code"
     probe_steps: int = 100  # head-only few-shot adaptation of strategies without fast parameters
     probe_lr: float = 0.03
@@ -77,11 +77,12 @@ class TeacherOptions(Options):
         self.require(0 < self.ood_fraction < 1, "ood_fraction", "must be in (0, 1)")
         self.require(self.temperature > 0, "temperature", "must be > 0")
         self.require(self.probe_lr > 0, "probe_lr", "must be > 0")
-        self.require(self.teacher_seed >= 0, "teacher_seed", "must be >= 0")
+        self.require(self.teacher_seed is None or self.teacher_seed >= 0, "teacher_seed", "must be >= 0")
 
-    def spec(self) -> TeacherSpec:
+    def spec(self, stream_seed: int = 0) -> TeacherSpec:
+        seed = self.teacher_seed if self.teacher_seed is not None else stream_seed
         return TeacherSpec(self.input_dim, self.output_dim, self.hidden_dim, self.n_modules, self.k_hot,
-                           self.generated_layers, self.temperature, seed=self.teacher_seed)  # fmt: skip
+                           self.generated_layers, self.temperature, seed=seed)  # fmt: skip
 
 
 Sets = list[tuple[int, ...]]  # module sets (tied across generated layers)
@@ -158,15 +159,17 @@ class TeacherStreams:
 
 
 def generate(stream: str, o: TeacherOptions, stream_seed: int) -> TeacherStreams:
-    """Tasks of every experience and probe; the teacher and all task data depend on ``teacher_seed`` only (so
-    every stream over the same teacher shares its tasks' data), the random split on ``stream_seed``."""
-    teacher = HyperTeacher(o.spec())
+    """Tasks of every experience and probe; the teacher and all task data depend on the teacher seed only (so
+    every stream over the same teacher shares its tasks' data), the random split on ``stream_seed``. The
+    teacher seed is ``teacher_seed``, or ``stream_seed`` when that is None."""
+    spec = o.spec(stream_seed)
+    teacher = HyperTeacher(spec)
     layout, probes = stream_layout(stream, o, stream_seed)
 
     def tasks(sets: Sets) -> TaskSet:
         combos = _tied(sets, o.generated_layers)
         parts = [make_tasks(teacher, [c], o.tasks_per_combination, o.n_support, o.n_query, o.n_test, o.continuous,
-                            _seed(o.teacher_seed, o.spec(), c)) for c in combos]  # fmt: skip
+                            _seed(spec, c)) for c in combos]  # fmt: skip
         return TaskSet.concat(parts)
 
     return TeacherStreams(o, [tasks(s) for s in layout], {name: tasks(s) for name, s in probes.items() if s})
@@ -241,12 +244,31 @@ def _probe_head(features_s, soft_s, features_t, steps: int, lr: float):
     return logits, torch.cat([fast["w"].flatten(1), fast["b"]], 1)
 
 
-def _plain_adapt(data: TeacherStreams, strategy, tasks: TaskSet):
+def _untrained_features(model):
+    """Features of the same architecture before any training: θ0 for task-vector networks (their frozen base),
+    otherwise a copy re-initialised with a fixed seed (the global RNG is left as it was)."""
+    import copy
+
+    if hasattr(model, "pool"):
+        base = model.pool.base_weights()
+        return lambda x: model.pool.forward_with(base, x)
+    fresh = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for m in fresh.modules():
+            if m is not fresh and callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+    fresh.eval()
+    return getattr(fresh, "features", None) or fresh
+
+
+def _plain_adapt(data: TeacherStreams, strategy, tasks: TaskSet, initial: bool = False):
     """Accuracy and read-out parameters of a strategy without fast parameters: its network's features (the
-    composed network for task-vector strategies), a linear read-out adapted on each support set."""
+    composed network for task-vector strategies; ``initial``: the untrained network), a linear read-out adapted
+    on each support set."""
     model = strategy.model
     model.eval()
-    features = getattr(model, "features", None) or model
+    features = _untrained_features(model) if initial else getattr(model, "features", None) or model
 
     def feats(x):
         with torch.no_grad():
@@ -271,7 +293,7 @@ def teacher_metrics(data: TeacherStreams, strategy) -> dict[str, float | None]:
     """Few-shot metrics after the stream, for any strategy (adapting its fast parameters if it has some, else a
     read-out on its features): ``id_accuracy``/``id_loss`` on the trained tasks, ``ood_accuracy``/``ood_loss`` on
     the held-out combinations, ``comp_gap`` = id − ood, ``noncomp_accuracy`` (noncomp stream), the
-    ``*_noinfo_accuracy`` of the same adaptation from the untrained meta-learner (meta-learners only),
+    ``*_noinfo_accuracy`` of the same adaptation from the untrained learner (the no-information level),
     ``decode_r2`` (ridge from adapted fast parameters to z, fitted on trained tasks, scored on OOD tasks), and on
     the one-module stream ``composition_gain`` (meta-learners: merged codes; task-vector strategies: merged task
     vectors)."""
@@ -285,7 +307,7 @@ def teacher_metrics(data: TeacherStreams, strategy) -> dict[str, float | None]:
         if meta:
             r = strategy.adapt_tasks(tasks, initial=initial)
             return r.accuracy, r.loss, r.fast
-        return _plain_adapt(data, strategy, tasks)
+        return _plain_adapt(data, strategy, tasks, initial=initial)
 
     id_acc, id_loss, id_fast = run(trained)
     out |= {"id_accuracy": id_acc, "id_loss": id_loss}
@@ -296,15 +318,12 @@ def teacher_metrics(data: TeacherStreams, strategy) -> dict[str, float | None]:
         fit_z, test_z = trained.z.flatten(1).numpy(), ood.z.flatten(1).numpy()
         r2 = C.decoding_r2(id_fast.numpy(), fit_z, ood_fast.numpy(), test_z) if len(trained) > 2 else math.nan
         out["decode_r2"] = None if math.isnan(r2) else r2
-        if meta:
-            out["ood_noinfo_accuracy"] = run(ood, initial=True)[0]
+        out["ood_noinfo_accuracy"] = run(ood, initial=True)[0]
     noncomp = data.probes.get("noncomp")
     if noncomp is not None:
         out["noncomp_accuracy"] = run(noncomp)[0]
-        if meta:
-            out["noncomp_noinfo_accuracy"] = run(noncomp, initial=True)[0]
-    if meta:
-        out["id_noinfo_accuracy"] = run(trained, initial=True)[0]
+        out["noncomp_noinfo_accuracy"] = run(noncomp, initial=True)[0]
+    out["id_noinfo_accuracy"] = run(trained, initial=True)[0]
     if ood is not None and all(len(c[0]) == 1 for t in data.experiences for c in t.combinations):
         gain = composition_gain(data, strategy, trained, ood)
         if gain is not None:

@@ -68,9 +68,15 @@ def test_inner_loop_and_second_order_meta_gradient_match_autograd_reference(kind
     want = torch.autograd.grad(torch.stack(ref_losses).mean(), meta)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6)
-    # first order: the inner gradients are constants; it differs from the second-order meta-gradient
+    # first order (FOMAML): the inner steps are constants, the query gradient at the adapted point reaches the init
     fo = adapt_batch(student, x, soft, steps, lr, wd, create_graph=False)
-    assert all(not t.requires_grad for t in fo.values())
+    fo_loss = torch.stack([soft_kl(student({k: v[i] for k, v in fo.items()}, qx[i]), qsoft[i]) for i in range(2)]).mean()
+    got_fo = torch.autograd.grad(fo_loss, list(student.fast_init.values()))
+    detached = {k: v.detach().requires_grad_(True) for k, v in fo.items()}
+    d_loss = torch.stack([soft_kl(student({k: v[i] for k, v in detached.items()}, qx[i]), qsoft[i]) for i in range(2)]).mean()
+    want_fo = torch.autograd.grad(d_loss, [detached[k] for k in student.fast_init])
+    for g, w in zip(got_fo, want_fo):
+        torch.testing.assert_close(g, w.sum(0))
 
 
 def test_hypernetwork_generates_weights_linearly_from_normalised_embeddings():
