@@ -484,7 +484,10 @@ class TemplateJointTraining(_TaskProgramViews, JointTraining):
 @dataclasses.dataclass
 class _TemplateVectorFields:
     program_init: ProgramInit = "uniform"  # uniform: τ = 0 (the base program); copy / mean of earlier τ (full tuning)
-    program_lr_scale: float = 10.0  # learning rate of ξ0 (first experience) and of τ_t = scale × train.lr
+    # learning rate of ξ0 (first experience) and of τ_t = scale × train.lr; 1, not the others' 10: with the
+    # statistics frozen at θ0, large program moves change activations the statistics no longer match, and at
+    # 10× the logits of τ_t diverged (one-hot mixtures, chance accuracy) on the domains stream
+    program_lr_scale: float = 1.0
     similarity_examples: int = 256
     ladder: bool = True
     ladder_epochs: int | None = None
