@@ -74,6 +74,10 @@ class TemplateEWCOptions(ProgramOptions):
 
     ewc_lambda: float = 100.0
     scope: Literal["bank", "shared"] = "shared"  # bank: the templates only; shared: stem + templates + adapter
+    # proximal: after each optimiser step, θ ← argmin (1/2η)‖θ − θ'‖² + penalty (stable for any λ);
+    # gradient: the penalty's gradient in the loss, which diverges once η·λ·F exceeds the optimiser's stability
+    # limit (on the domains stream max F ≈ 25, so λ = 100 at η = 0.05 went to NaN)
+    step: Literal["proximal", "gradient"] = "proximal"
     fisher: Literal["exact", "topk", "sampled"] = "exact"
     fisher_max_examples: int = 128
 
@@ -93,6 +97,13 @@ def optimizer_for(groups: Sequence[tuple[list[nn.Parameter], float]], train: Tra
         return torch.optim.SGD(param_groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     cls = torch.optim.Adam if train.optimizer == "adam" else torch.optim.AdamW
     return cls(param_groups, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def ewc_proximal(theta: torch.Tensor, anchors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor], lam: float, lr: float) -> torch.Tensor:
+    """argmin_θ (1/2η)‖θ − θ'‖² + (λ/2) Σ_s F_s (θ − θ*_s)²  =  (θ' + ηλ Σ_s F_s θ*_s) / (1 + ηλ Σ_s F_s), elementwise."""
+    weight = sum(fishers) * (lr * lam)
+    pull = sum(f * a for f, a in zip(fishers, anchors)) * (lr * lam)
+    return (theta + pull) / (1 + weight)
 
 
 def ewc_penalty(params: dict[str, torch.Tensor], anchors: Sequence[dict], fishers: Sequence[dict], lam: float) -> torch.Tensor:
@@ -401,11 +412,21 @@ class TemplateStrategy(_TaskProgramViews, SupervisedTemplate):
 
     def criterion(self):
         loss = super().criterion()
-        if self.is_training and self.mode == "ewc" and self.anchors and self.options.ewc_lambda > 0:
+        if self.is_training and self.mode == "ewc" and self.anchors and self.options.ewc_lambda > 0 and self.options.step == "gradient":
             params = dict(self.body().named_parameters())
             names = self._ewc_names()
             loss = loss + ewc_penalty({n: params[n] for n in names}, self.anchors, self.fishers, self.options.ewc_lambda)
         return loss
+
+    def optimizer_step(self):
+        super().optimizer_step()
+        if self.mode == "ewc" and self.anchors and self.options.ewc_lambda > 0 and self.options.step == "proximal":
+            lrs = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
+            params = dict(self.body().named_parameters())
+            with torch.no_grad():
+                for n in self._ewc_names():
+                    p = params[n]
+                    p.copy_(ewc_proximal(p, [a[n] for a in self.anchors], [f[n] for f in self.fishers], self.options.ewc_lambda, lrs[id(p)]))
 
     def _after_training_exp(self, **kwargs):
         tasks = list(getattr(self.experience, "task_labels", [0]))

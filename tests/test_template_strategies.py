@@ -78,6 +78,13 @@ def test_ewc_penalty_and_its_fisher_against_explicit_formulas():
     closed = 3.0 * sum(f["b"] * (theta["b"] - a["b"]) for a, f in zip(anchors, fishers))
     torch.testing.assert_close(theta["b"].grad, closed.detach())
 
+    from strategies.template_strategies import ewc_proximal
+
+    lr, prime = 0.05, torch.randn(3)
+    new = ewc_proximal(prime, [a["a"] for a in anchors], [f["a"] for f in fishers], 3.0, lr)
+    stationary = (new - prime) / lr + 3.0 * sum(f["a"] * (new - a["a"]) for a, f in zip(anchors, fishers))
+    torch.testing.assert_close(stationary, torch.zeros(3), atol=1e-5, rtol=0)  # zero gradient of the proximal objective
+
     s = session("template-ewc", scope="bank", fisher_max_examples=5, ladder=False)
     strategy = s.strategy
     strategy.train(s.steps[0], eval_streams=[])
