@@ -84,12 +84,30 @@ def noncomp_runs(tmp_path_factory):
 
 
 def test_noncompositional_control_stays_near_no_information(noncomp_runs):
-    """Must-fail control: on combinations using the never-trained module, what a learner gained from the stream
-    (accuracy above the same adaptation from its untrained state) stays within 0.1 for every learner, while
-    the hypernetwork gains clearly more on new combinations of trained modules (so the control is not vacuous)."""
+    """Must-fail control at this (tiny) scale: on combinations using the never-trained module, what a learner
+    gained from the stream (accuracy above the same adaptation from its untrained state) stays within 0.1 for
+    every learner; the meta-learners are worse there than on held-out combinations of trained modules, and the
+    hypernetwork gains clearly more on those (so the control is not vacuous). At the sweep's scale ANIL's
+    64-shot read-out on its trained body gets further above its no-information level (see the issue-5 note)."""
     for strategy, m in noncomp_runs.items():
         assert m["noncomp_accuracy"] - m["noncomp_noinfo_accuracy"] <= 0.1, (strategy, m)
+    for strategy in ("meta-hnet", "meta-anil"):
+        m = noncomp_runs[strategy]
+        assert m["noncomp_accuracy"] < m["ood_accuracy"], (strategy, m)
     hnet = noncomp_runs["meta-hnet"]
     ood_gain = hnet["ood_accuracy"] - hnet["ood_noinfo_accuracy"]
     assert ood_gain >= 0.15, hnet
     assert hnet["noncomp_accuracy"] - hnet["noncomp_noinfo_accuracy"] < 0.5 * ood_gain, hnet
+
+
+@pytest.mark.xfail(strict=True, reason="not reproduced at CPU scale: with a one-generated-layer teacher and a few hundred "
+                   "outer steps the hypernetwork is no worse on cross pairs after disconnected than after connected support "
+                   "(3-seed sweep in the issue-5 note); strict, so that a learner that does reproduce it flips this test")
+def test_disconnected_support_is_clearly_worse_on_cross_pairs(tmp_path):
+    """Must-fail control of the reference: same held-out cross pairs, connected vs disconnected training support."""
+    ood = {}
+    for stream in ("teacher-connected", "teacher-disconnected"):
+        cfg = _config(stream, "meta-hnet", benchmark_options=CONTROL, seed=0, stream_seed=0, backbone_options={"hidden": [32]},
+                      strategy_options={"outer_steps": 20, "meta_batch": 8, "first_order": True})  # fmt: skip
+        ood[stream] = run(cfg, runs_dir=tmp_path / stream, progress=False)[1]["metrics"]["ood_accuracy"]
+    assert ood["teacher-disconnected"] <= ood["teacher-connected"] - 0.05, ood
