@@ -111,7 +111,8 @@ def stream_layout(stream: str, o: TeacherOptions, stream_seed: int) -> tuple[lis
         probes = {"ood": [p for p in pairs if p not in trained]}
         if stream == "connected":
             return connected, probes
-        return _chunks(disconnected_sets[: len(disconnected_sets) // 2], len(a)) + _chunks(disconnected_sets[len(disconnected_sets) // 2 :], len(b)), probes
+        n_a = len(_subsets(a, 2))  # the halves differ in size for odd M
+        return _chunks(disconnected_sets[:n_a], len(a)) + _chunks(disconnected_sets[n_a:], len(b)), probes
     if stream == "one-module":
         return [[(i,)] for i in range(m)], {"ood": [c for c in _subsets(range(m), k) if len(c) > 1]}
     if stream in ("random", "noncomp"):
@@ -354,14 +355,15 @@ def composition_gain(data: TeacherStreams, strategy, trained: TaskSet, pairs: Ta
             (sx, ss, _) = sub.support()
             from strategies.meta import adapt_batch
 
-            fast = adapt_batch(student, student.pad(sx), ss, strategy.options.inner_steps, strategy.inner_lr,
+            fast = adapt_batch(student, student.pad(sx).to(strategy.device), ss.to(strategy.device), strategy.options.inner_steps, strategy.inner_lr,
                                strategy.options.inner_weight_decay, create_graph=False)  # fmt: skip
             single[m] = {k: v.mean(0) for k, v in fast.items()}
         init = {k: v.detach() for k, v in student.init_fast().items()}
 
         def acc(fast, tasks):
             (tx, ts, _) = tasks.test()
-            return C.agreement_accuracy(strategy.predict_with(fast, tx.reshape(-1, tx.shape[-1])), ts.reshape(-1, ts.shape[-1]))
+            logits = strategy.predict_with(fast, tx.reshape(-1, tx.shape[-1])).cpu()
+            return C.agreement_accuracy(logits, ts.reshape(-1, ts.shape[-1]))
 
         def merged(a, b, lam):
             return {k: init[k] + lam * (single[a][k] - init[k] + single[b][k] - init[k]) for k in init}

@@ -126,13 +126,24 @@ class MetaStudent(nn.Module):
     def init_fast(self) -> dict[str, torch.Tensor]:
         return dict(self.fast_init.items())
 
+    def embedding(self, e: torch.Tensor) -> torch.Tensor:
+        """A hypernetwork layer's embedding as the network uses it: rescaled to norm √T (scale stop-gradiented,
+        as in the reference), so only its direction is a task parameter."""
+        return e * (math.sqrt(self.templates) / e.norm(dim=-1, keepdim=True)).detach()
+
+    def task_features(self, fast: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Adapted fast parameters of a batch of tasks as one row each, in the form the network uses them (the
+        hypernetwork's embeddings normalised; their discarded norm would only add noise to decoding)."""
+        rows = [(self.embedding(fast[n]) if self.kind == "hnet" and n != "out_bias" else fast[n]).reshape(len(fast[n]), -1)
+                for n in self.fast_names]  # fmt: skip
+        return torch.cat(rows, 1)
+
     def weights(self, fast: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The network's parameters for one task."""
         if self.kind == "hnet":
             out = {}
             for layer in self.layers:
-                e = fast[self._key(layer)]
-                e = e * (math.sqrt(self.templates) / e.norm()).detach()
+                e = self.embedding(fast[self._key(layer)])
                 for suffix in (".weight", ".bias"):
                     key = self._key(layer + suffix)
                     if key in self.banks:
@@ -290,7 +301,7 @@ class MetaLearner:
             ts = ts.to(self.device)
             accs.append((logits.argmax(-1) == ts.argmax(-1)).float().mean(1).cpu())
             losses.append(torch.stack([soft_kl(logits[i], ts[i]) for i in range(len(logits))]).cpu())
-            fasts.append(torch.cat([fast[n].reshape(len(logits), -1) for n in student.fast_names], 1).detach().cpu())
+            fasts.append(student.task_features(fast).detach().cpu())
         per_task = torch.cat(accs)
         return Adapted(float(per_task.mean()), float(torch.cat(losses).mean()), per_task, torch.cat(fasts))
 

@@ -7,7 +7,9 @@
   (per-layer histogram intersection: 1 = identical mixtures, 0 = disjoint templates at every depth).
 - :func:`template_usage_overlap`: the same on the depth-averaged usage ū = (1/L) Σ_ℓ p_ℓ (which templates a
   task uses, wherever it uses them).
-- :func:`overlap_matrix`: pairwise overlaps of a list of programs.
+- :func:`template_usage_jsd`: Jensen–Shannon divergence (base 2, in [0, 1]) between two tasks' depth-averaged
+  usages (0 = the same templates, 1 = disjoint ones).
+- :func:`overlap_matrix`: pairwise overlaps (or divergences) of a list of programs.
 - :func:`ladder_holds`: the expected transfer ordering head only < ξ + head ≤ full fine-tuning.
 """
 
@@ -50,12 +52,30 @@ def program_overlap(logits_a, logits_b) -> float:
 def template_usage_overlap(logits_a, logits_b) -> float:
     """Σ_k min(ū_k, v̄_k) with ū = mean over layers of softmax(ξ_a) (which templates, wherever used)."""
     p, q = _probabilities(logits_a), _probabilities(logits_b)
+    if p.shape != q.shape:
+        raise ValueError(f"programs of different shapes {p.shape} and {q.shape}")
     return float(np.minimum(p.mean(axis=0), q.mean(axis=0)).sum())
 
 
+def template_usage_jsd(logits_a, logits_b) -> float:
+    """JSD(ū ‖ v̄) = ½ KL(ū ‖ m) + ½ KL(v̄ ‖ m), m = (ū + v̄)/2, in bits, of the depth-averaged usages."""
+    p, q = _probabilities(logits_a), _probabilities(logits_b)
+    if p.shape != q.shape:
+        raise ValueError(f"programs of different shapes {p.shape} and {q.shape}")
+    u, v = p.mean(axis=0), q.mean(axis=0)
+    m = (u + v) / 2
+
+    def kl(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.where(a > 0, a * np.log2(a / b), 0.0).sum())
+
+    return max(0.0, 0.5 * kl(u, m) + 0.5 * kl(v, m))
+
+
 def overlap_matrix(programs: Sequence, kind: str = "program") -> list[list[float]]:
-    """Pairwise :func:`program_overlap` (``kind="program"``) or :func:`template_usage_overlap` (``"usage"``)."""
-    fn = {"program": program_overlap, "usage": template_usage_overlap}[kind]
+    """Pairwise :func:`program_overlap` (``kind="program"``), :func:`template_usage_overlap` (``"usage"``) or
+    :func:`template_usage_jsd` (``"jsd"``)."""
+    fn = {"program": program_overlap, "usage": template_usage_overlap, "jsd": template_usage_jsd}[kind]
     return [[fn(a, b) for b in programs] for a in programs]
 
 

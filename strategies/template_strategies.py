@@ -73,7 +73,7 @@ class TemplateEWCOptions(ProgramOptions):
     """EWC on the shared parameters: (λ/2) Σ_s F_s (θ − θ*_s)² (one anchor and Fisher per past experience)."""
 
     ewc_lambda: float = 100.0
-    scope: Literal["bank", "shared"] = "shared"  # bank: the templates only; shared: stem + templates + adapter
+    scope: Literal["bank", "shared"] = "bank"  # bank: the templates only (the paper's row); shared: stem + templates + adapter
     # proximal: after each optimiser step, θ ← argmin (1/2η)‖θ − θ'‖² + penalty (stable for any λ);
     # gradient: the penalty's gradient in the loss, which diverges once η·λ·F exceeds the optimiser's stability
     # limit (on the domains stream max F ≈ 25, so λ = 100 at η = 0.05 went to NaN)
@@ -100,10 +100,32 @@ def optimizer_for(groups: Sequence[tuple[list[nn.Parameter], float]], train: Tra
 
 
 def ewc_proximal(theta: torch.Tensor, anchors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor], lam: float, lr: float) -> torch.Tensor:
-    """argmin_θ (1/2η)‖θ − θ'‖² + (λ/2) Σ_s F_s (θ − θ*_s)²  =  (θ' + ηλ Σ_s F_s θ*_s) / (1 + ηλ Σ_s F_s), elementwise."""
+    """argmin_θ (1/2η)‖θ − θ'‖² + (λ/2) Σ_s F_s (θ − θ*_s)²  =  (θ' + ηλ Σ_s F_s θ*_s) / (1 + ηλ Σ_s F_s), elementwise
+    (η a number or a per-coordinate tensor)."""
     weight = sum(fishers) * (lr * lam)
     pull = sum(f * a for f, a in zip(fishers, anchors)) * (lr * lam)
     return (theta + pull) / (1 + weight)
+
+
+def proximal_step_size(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | float:
+    """The step η that the optimiser's last update applied to a gradient of ``p`` at steady state, so that the
+    proximal EWC step balances the penalty against the loss at the EWC optimum: SGD lr / (1 − momentum) (momentum
+    accumulates the gradient to g / (1 − μ)), Adam/AdamW lr / (√v̂ + ε) per coordinate; anything else lr."""
+    for group in optimizer.param_groups:
+        if any(q is p for q in group["params"]):
+            break
+    else:
+        raise KeyError("parameter not in the optimiser")
+    lr = group["lr"]
+    if isinstance(optimizer, torch.optim.SGD):
+        momentum = group.get("momentum", 0.0)
+        return lr / (1.0 - momentum) if 0 < momentum < 1 else lr
+    state = optimizer.state.get(p, {})
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and "exp_avg_sq" in state:
+        step = float(state["step"])
+        v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** step)
+        return lr / (v_hat.sqrt() + group["eps"])
+    return lr
 
 
 def ewc_penalty(params: dict[str, torch.Tensor], anchors: Sequence[dict], fishers: Sequence[dict], lam: float) -> torch.Tensor:
@@ -162,6 +184,7 @@ def program_summary(programs: dict[int, torch.Tensor], initial: dict[int, torch.
         "mixtures": [mixture_of(programs[t].detach().cpu()).tolist() for t in tasks],
         "program_overlap": TM.overlap_matrix(current, "program"),
         "usage_overlap": TM.overlap_matrix(current, "usage"),
+        "usage_jsd": TM.overlap_matrix(current, "jsd"),
     }
 
 
@@ -177,6 +200,7 @@ def summary_metrics(summary: dict) -> dict[str, float | None]:
         "mixture_entropy_final": _mean(summary["entropy_final"]),
         "template_overlap": TM.mean_offdiagonal(summary["program_overlap"]),
         "template_usage_overlap": TM.mean_offdiagonal(summary["usage_overlap"]),
+        "template_usage_jsd": TM.mean_offdiagonal(summary["usage_jsd"]),
     }
 
 
@@ -257,7 +281,7 @@ class _ProgramBookkeeping:
     def _init_bookkeeping(self, options: ProgramOptions, train: TrainConfig) -> None:
         self.program_options, self.train_config = options, train
         self.initial_programs: dict[int, torch.Tensor] = {}
-        self.diagnostics: list[dict] = []
+        self.program_rows: list[dict] = []  # per-experience program diagnostics (ITA/IEL keep their own rows apart)
         self.ladder_result: dict | None = None
 
     def current_programs(self) -> dict[int, torch.Tensor]:
@@ -275,7 +299,7 @@ class _ProgramBookkeeping:
         row = {"tasks": tasks, "mixture_entropy": _mean(s["entropy_final"])}
         if len(programs) > 1:
             row["template_overlap"] = TM.mean_offdiagonal(s["program_overlap"])
-        self.diagnostics = [d for d in self.diagnostics if d["tasks"] != tasks] + [row]
+        self.program_rows = [d for d in self.program_rows if d["tasks"] != tasks] + [row]
 
     def body(self) -> TemplateMixtureNet:
         raise NotImplementedError
@@ -306,7 +330,7 @@ class _ProgramBookkeeping:
     def program_extras(self, names: dict[int, str] | None = None) -> dict:
         programs = self.current_programs()
         extras = {"programs": program_summary(programs, self.initial_programs, names) if programs else None,
-                  "diagnostics": self.diagnostics, "ladder": self.ladder_result}  # fmt: skip
+                  "diagnostics": self.program_rows, "ladder": self.ladder_result}  # fmt: skip
         return extras
 
 
@@ -421,12 +445,12 @@ class TemplateStrategy(_TaskProgramViews, SupervisedTemplate):
     def optimizer_step(self):
         super().optimizer_step()
         if self.mode == "ewc" and self.anchors and self.options.ewc_lambda > 0 and self.options.step == "proximal":
-            lrs = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
             params = dict(self.body().named_parameters())
             with torch.no_grad():
                 for n in self._ewc_names():
                     p = params[n]
-                    p.copy_(ewc_proximal(p, [a[n] for a in self.anchors], [f[n] for f in self.fishers], self.options.ewc_lambda, lrs[id(p)]))
+                    step = proximal_step_size(self.optimizer, p)
+                    p.copy_(ewc_proximal(p, [a[n] for a in self.anchors], [f[n] for f in self.fishers], self.options.ewc_lambda, step))
 
     def _after_training_exp(self, **kwargs):
         tasks = list(getattr(self.experience, "task_labels", [0]))
@@ -659,7 +683,7 @@ class TemplateVectorStrategy(_ProgramBookkeeping, TaskVectorStrategy):
         super()._after_training_exp(**kwargs)
         self._log_programs(self.pool.num_tasks)
         composed = TM.mixture_entropy(self.composed_logits().cpu().numpy())
-        self.diagnostics[-1]["composed_entropy"] = sum(composed) / len(composed)
+        self.program_rows[-1]["composed_entropy"] = sum(composed) / len(composed)
 
     # ------------------------------------------------------------------ task-aware accuracy of the composed model
     def _before_eval(self, **kwargs):
@@ -683,6 +707,11 @@ class TemplateVectorStrategy(_ProgramBookkeeping, TaskVectorStrategy):
 
     def final_metrics(self, benchmark=None):
         metrics = super().final_metrics(benchmark)
+        if self.initial_base is not None:  # every program starts from ξ0: before training = ξ0's U[0, 1) draw
+            base_start = TM.mixture_entropy(self.initial_base.cpu().numpy())
+            metrics["mixture_entropy_init"] = float(sum(base_start) / len(base_start))
+            base = TM.mixture_entropy(self.base_logits().cpu().numpy())
+            metrics["mixture_entropy_base"] = float(sum(base) / len(base))
         if self.task_aware_rows:
             last = self.task_aware_rows[-1][: self.pool.num_tasks]
             metrics["task_aware_accuracy"] = float(sum(last) / len(last))

@@ -43,6 +43,20 @@ def test_overlaps_by_hand():
         TM.program_overlap(a, np.zeros((3, 3)))
 
 
+def test_template_usage_jsd_by_hand():
+    one = np.log(np.array([[1.0, 1e-300], [1.0, 1e-300]]))  # usage (1, 0)
+    other = np.log(np.array([[1e-300, 1.0], [1e-300, 1.0]]))  # usage (0, 1)
+    half = np.log(np.array([[1.0, 1e-300], [1e-300, 1.0]]))  # usage (.5, .5)
+    assert TM.template_usage_jsd(one, other) == pytest.approx(1.0)  # disjoint: 1 bit
+    assert TM.template_usage_jsd(one, one) == pytest.approx(0.0, abs=1e-12)
+    # m = (.75, .25): ½[.5 log2(.5/.75) + .5 log2(.5/.25)] + ½ log2(1/.75)
+    by_hand = 0.5 * (0.5 * math.log2(0.5 / 0.75) + 0.5 * math.log2(0.5 / 0.25)) + 0.5 * math.log2(1 / 0.75)
+    assert TM.template_usage_jsd(half, one) == pytest.approx(by_hand)
+    assert TM.overlap_matrix([half, one], "jsd")[1][0] == pytest.approx(by_hand)
+    with pytest.raises(ValueError):
+        TM.template_usage_jsd(one, np.zeros((3, 2)))
+
+
 def test_parameters_per_task_and_ladder_order():
     assert TM.parameters_per_task((8, 4), 64, 10) == 32 + 650
     assert TM.parameters_per_task(None, 64, 10) == 650

@@ -52,11 +52,14 @@ def test_program_transfer_forgets_nothing_and_leaves_the_body_untouched(tmp_path
     snapshots = []
     for i, exp in enumerate(s.steps):
         strategy.train(exp, eval_streams=[])
-        snapshots.append((copy.deepcopy(body.state_dict()), {t: p.detach().clone() for t, p in strategy.current_programs().items()}))
-    first_body, first_programs = snapshots[0]
-    for later_body, later_programs in snapshots[1:]:
+        task0 = {k: v.clone() for k, v in [*strategy.model.norms["0"].state_dict().items(), *strategy.model.heads["0"].state_dict().items()]}
+        snapshots.append((copy.deepcopy(body.state_dict()), {t: p.detach().clone() for t, p in strategy.current_programs().items()}, task0))
+    first_body, first_programs, first_task0 = snapshots[0]
+    assert first_task0 and any("running_mean" in k for k in first_task0)
+    for later_body, later_programs, later_task0 in snapshots[1:]:
         assert all(torch.equal(first_body[k], later_body[k]) for k in first_body)  # bank, stem and adapter frozen
         assert torch.equal(first_programs[0], later_programs[0])  # earlier programs never move
+        assert all(torch.equal(first_task0[k], later_task0[k]) for k in first_task0)  # nor task 0's statistics and head
     _, rec = run(tiny("template-program", ladder=False), runs_dir=tmp_path, progress=False)
     m = rec["accuracy_matrix"]
     assert all(m[i][j] == m[j][j] for j in range(3) for i in range(j, 3))  # every column constant once learned
@@ -239,3 +242,25 @@ train: {epochs: 1}
     path.write_text(path.read_text().replace("template-program: {}", "template-program: {backbone: tiny}"))
     with pytest.raises(ConfigError, match="template-program.backbone must be a mapping"):
         load_sweep(path, runs_dir=tmp_path / "runs")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_proximal_ewc_with_the_optimisers_settles_at_the_ewc_optimum(optimizer):
+    """Loss ½a(θ − c)² + penalty (λ/2)F(θ − θ*)²: the optimiser's steps with the proximal step after each must
+    settle at the penalised optimum (ac + λFθ*)/(a + λF), whatever momentum or Adam's scaling did to the step."""
+    from strategies.common import TrainConfig
+    from strategies.template_strategies import ewc_proximal, optimizer_for, proximal_step_size
+
+    a, c = torch.tensor([1.0, 4.0, 0.5]), torch.tensor([2.0, -1.0, 3.0])
+    lam, fisher, anchor = 2.0, torch.tensor([1.0, 0.5, 4.0]), torch.tensor([0.0, 1.0, -1.0])
+    optimum = (a * c + lam * fisher * anchor) / (a + lam * fisher)
+    theta = torch.nn.Parameter(torch.zeros(3))
+    lr = 0.05 if optimizer == "sgd" else 0.01
+    opt = optimizer_for([([theta], 1.0)], TrainConfig(optimizer=optimizer, lr=lr, momentum=0.9, weight_decay=0.0))
+    for _ in range(3000):
+        opt.zero_grad()
+        (0.5 * a * (theta - c) ** 2).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            theta.copy_(ewc_proximal(theta, [anchor], [fisher], lam, proximal_step_size(opt, theta)))
+    torch.testing.assert_close(theta.detach(), optimum, atol=0.03, rtol=0)
