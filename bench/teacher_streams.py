@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from bench.benchmarks import BENCHMARKS
-from bench.teacher import Combination, HyperTeacher, TaskSet, TeacherSpec, halves, is_compositional, is_connected, make_tasks
+from bench.teacher import (Combination, HyperTeacher, TaskSet, TeacherSpec, halves, is_compositional, is_connected, make_tasks,
+                           split_pool)  # fmt: skip
 from strategies.registry import ConfigError, Options
 
 
@@ -61,7 +62,11 @@ class TeacherOptions(Options):
     n_query: int = 64
     n_test: int = 64
     ood_fraction: float = 0.25
-    n_experiences: int = 5  # random and noncomp streams
+    n_experiences: int = 5  # random and noncomp streams, and the reference layout
+    # connected/disconnected streams: "curriculum" (module sets below, tied across generated layers) or
+    # "reference" (the reference's task supports of bench.teacher.split_pool, per-layer codes untied, in a
+    # seeded order over n_experiences; both scored on the same pool of combinations in neither support)
+    layout: Literal["curriculum", "reference"] = "curriculum"
     teacher_seed: int | None = None  # None: the stream seed (so each seed of a sweep has its own teacher)
     context: Literal["code", "none"] = "code"
     probe_steps: int = 100  # head-only few-shot adaptation of strategies without fast parameters
@@ -134,6 +139,21 @@ def _tied(sets: Sets, layers: int) -> list[Combination]:
     return [tuple([s] * layers) for s in sets]
 
 
+def combination_layout(stream: str, o: TeacherOptions, stream_seed: int) -> tuple[list[list[Combination]], dict[str, list[Combination]]]:
+    """Combinations (one code per generated layer) per training experience and per probe stream."""
+    if o.layout == "reference" and stream in ("connected", "disconnected"):
+        trained, ood = split_pool(o.n_modules, o.k_hot, o.generated_layers, stream)
+        order = np.random.default_rng(stream_seed).permutation(len(trained))
+        return _chunks([trained[i] for i in order], o.n_experiences), {"ood": ood}
+    layout, probes = stream_layout(stream, o, stream_seed)
+    return [_tied(s, o.generated_layers) for s in layout], {name: _tied(s, o.generated_layers) for name, s in probes.items()}
+
+
+def _shown(c: Combination):
+    """A combination for the record: its module set when every layer has the same, else one set per layer."""
+    return list(c[0]) if all(code == c[0] for code in c) else [list(code) for code in c]
+
+
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
@@ -165,10 +185,9 @@ def generate(stream: str, o: TeacherOptions, stream_seed: int) -> TeacherStreams
     teacher seed is ``teacher_seed``, or ``stream_seed`` when that is None."""
     spec = o.spec(stream_seed)
     teacher = HyperTeacher(spec)
-    layout, probes = stream_layout(stream, o, stream_seed)
+    layout, probes = combination_layout(stream, o, stream_seed)
 
-    def tasks(sets: Sets) -> TaskSet:
-        combos = _tied(sets, o.generated_layers)
+    def tasks(combos: list[Combination]) -> TaskSet:
         parts = [make_tasks(teacher, [c], o.tasks_per_combination, o.n_support, o.n_query, o.n_test, o.continuous,
                             _seed(spec, c)) for c in combos]  # fmt: skip
         return TaskSet.concat(parts)
@@ -211,16 +230,16 @@ def build_stream(stream: str, o: TeacherOptions, stream_seed: int | None):
     for name, t in data.probes.items():
         for exp in getattr(bm, f"{name}_stream"):
             exp.tasks = t
-    trained_sets = [c[0] for t in data.experiences for c in t.combinations]
+    trained = [c for t in data.experiences for c in t.combinations]
     bm.teacher = data
     bm.info = {
         "dataset": f"teacher-{stream}",
         "input_dim": data.input_dim,
         "tasks_per_experience": [len(t) for t in data.experiences],
-        "combinations_per_experience": [[list(c[0]) for c in t.combinations] for t in data.experiences],
-        "probes": {name: [list(c[0]) for c in t.combinations] for name, t in data.probes.items()},
-        "compositional": is_compositional([(s,) for s in trained_sets], o.n_modules, 1),
-        "connected": is_connected([(s,) for s in trained_sets], o.n_modules, 1),
+        "combinations_per_experience": [[_shown(c) for c in t.combinations] for t in data.experiences],
+        "probes": {name: [_shown(c) for c in t.combinations] for name, t in data.probes.items()},
+        "compositional": is_compositional(trained, o.n_modules, o.generated_layers),
+        "connected": is_connected(trained, o.n_modules, o.generated_layers),
     }
     bm.extra_metrics = lambda strategy: teacher_metrics(data, strategy)
     return bm

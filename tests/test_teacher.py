@@ -138,6 +138,27 @@ def test_streams_share_task_data_across_streams():
     assert torch.equal(conn.experiences[0].x, disc.experiences[0].x[:2])  # {0} is the first combination of both
 
 
+def test_reference_layout_streams_use_the_reference_supports_untied():
+    """layout=reference: the connected/disconnected streams train the reference's supports (M = 6, L = 2: 324 and
+    36 combinations, per-layer codes untied) over n_experiences and share the pool of 117 combinations in neither."""
+    from bench.benchmarks import build_benchmark
+
+    small = {"n_modules": 6, "generated_layers": 2, "layout": "reference", "n_experiences": 3, "tasks_per_combination": 1,
+             "n_support": 2, "n_query": 2, "n_test": 2}  # fmt: skip
+    bms = {s: build_benchmark(f"teacher-{s}", small, 0) for s in ("connected", "disconnected")}
+    for stream, n_trained in (("connected", 324), ("disconnected", 36)):
+        data = bms[stream].teacher
+        trained = [c for t in data.experiences for c in t.combinations]
+        assert len(data.experiences) == 3 and len(trained) == len(set(trained)) == n_trained
+        assert any(c[0] != c[1] for c in trained) or stream == "disconnected"  # untied layers
+        assert set(trained) == set(split_pool(6, 2, 2, stream)[0])
+        assert not set(trained) & set(data.probes["ood"].combinations)
+        assert bms[stream].info["connected"] == (stream == "connected") and bms[stream].info["compositional"]
+    conn_ood, disc_ood = (bms[s].teacher.probes["ood"] for s in ("connected", "disconnected"))
+    assert len(conn_ood.combinations) == 117 and conn_ood.combinations == disc_ood.combinations
+    torch.testing.assert_close(conn_ood.x, disc_ood.x)  # the same probe tasks for both
+
+
 def test_r2_is_one_for_z_and_about_zero_for_random_features():
     rng = np.random.default_rng(0)
     z_tr, z_te = rng.uniform(size=(400, 6)), rng.uniform(size=(200, 6))
