@@ -181,6 +181,15 @@ def test_r2_is_one_for_z_and_about_zero_for_random_features():
     want = np.mean([r2_score(z_te_const[:, j], pred[:, j]) for j in range(6) if j != 2])
     assert C.decoding_r2(feats_tr, z_tr, feats_te, z_te_const) == pytest.approx(want, rel=1e-9)
     assert np.isnan(C.decoding_r2_per_target(feats_tr, z_tr, feats_te, z_te_const)[2])
+    # and against the closed form, without scikit-learn: standardise with the training statistics, centre,
+    # β = (XᵀX + λI)⁻¹ Xᵀ(Z − z̄), ẑ = z̄ + X_te β, R² = 1 − SSE / SST per column
+    mu, sd = feats_tr.mean(0), feats_tr.std(0)
+    x_tr, x_te = (feats_tr - mu) / sd, (feats_te - mu) / sd
+    x_mean, z_mean = x_tr.mean(0), z_tr.mean(0)
+    beta = np.linalg.solve((x_tr - x_mean).T @ (x_tr - x_mean) + np.eye(9), (x_tr - x_mean).T @ (z_tr - z_mean))
+    z_hat = z_mean + (x_te - x_mean) @ beta
+    r2 = 1 - ((z_te - z_hat) ** 2).sum(0) / ((z_te - z_te.mean(0)) ** 2).sum(0)
+    np.testing.assert_allclose(C.decoding_r2_per_target(feats_tr, z_tr, feats_te, z_te), r2, rtol=1e-9)
 
 
 def test_small_metrics():

@@ -57,6 +57,16 @@ def test_plain_strategy_on_the_one_module_stream(tmp_path):
     assert not rec["stream"]["connected"] and rec["stream"]["compositional"]
 
 
+@pytest.mark.parametrize("strategy,options", [("task-arithmetic", {"tuning": "full", "layers": "all"}), ("meta-hnet", META)])
+def test_composition_gain_of_merged_task_parameters(strategy, options, tmp_path):
+    """The one-module stream scores merged task vectors (task arithmetic) and merged fast parameters (the
+    hypernetwork) on module pairs: a gain in [−1, 1], recorded next to the pairs' few-shot accuracy."""
+    _, rec = run(_config("teacher-one-module", strategy, strategy_options=options), runs_dir=tmp_path, progress=False)
+    m = rec["metrics"]
+    assert isinstance(m["composition_gain"], float) and -1.0 <= m["composition_gain"] <= 1.0, m
+    assert len(rec["stream"]["probes"]["ood"]) == 15  # every pair of the 6 modules
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     from bench.cli import main
 
