@@ -157,8 +157,10 @@ def execute(
     ``final_metrics(benchmark) -> dict`` (scalar metrics computed after the stream, e.g. transfer to a task the
     benchmark held out; merged into the record's ``metrics``; must not change what later steps would see).
     Benchmarks may expose ``extra_metrics(strategy) -> dict`` (scalar metrics of the trained strategy, e.g. on
-    probe streams; merged into the record's ``metrics``) and ``info['input_dim']`` (given to a backbone whose
-    ``in_features`` option is null).
+    probe streams; merged into the record's ``metrics``), ``step_metrics(strategy) -> dict`` (scalars after every
+    training step, e.g. accuracy on a probe stream as training proceeds; the record's ``step_metrics``, computed
+    with the RNG state restored afterwards so that they do not change the run) and ``info['input_dim']`` (given to
+    a backbone whose ``in_features`` option is null).
 
     With ``checkpoint_path``, the complete training state is saved there after every experience (see
     :mod:`bench.checkpoint`), and a checkpoint already there (of the same config) is resumed: the record of a
@@ -193,6 +195,10 @@ def execute(
         t = time.perf_counter()
         row = accuracy_row(session.strategy.eval(session.test_stream), n_exp)
         loop["matrix"].append(row)
+        step_metrics = getattr(session.benchmark, "step_metrics", None)
+        if callable(step_metrics):
+            with torch.random.fork_rng(devices=[]):
+                loop.setdefault("step_metrics", []).append({"step": i} | step_metrics(session.strategy))
         loop["timings"].append({
             "step": i,
             "experiences": [e.current_experience for e in experiences],
@@ -340,6 +346,8 @@ def _record(resolved: ResolvedRun, session: _Session, loop: dict[str, Any], timi
         record["strategy_extras"] = extra()
     if artifacts:
         record["artifacts"] = artifacts
+    if loop.get("step_metrics"):
+        record["step_metrics"] = loop["step_metrics"]
     if loop["resumes"]:
         record["resumes"] = loop["resumes"]
     return record

@@ -242,6 +242,7 @@ def build_stream(stream: str, o: TeacherOptions, stream_seed: int | None):
         "connected": is_connected(trained, o.n_modules, o.generated_layers),
     }
     bm.extra_metrics = lambda strategy: teacher_metrics(data, strategy)
+    bm.step_metrics = lambda strategy: probe_accuracies(data, strategy)
     return bm
 
 
@@ -348,6 +349,17 @@ def teacher_metrics(data: TeacherStreams, strategy) -> dict[str, float | None]:
         gain = composition_gain(data, strategy, trained, ood)
         if gain is not None:
             out["composition_gain"] = gain
+    return out
+
+
+def probe_accuracies(data: TeacherStreams, strategy) -> dict[str, float]:
+    """Few-shot accuracy on every probe stream (``<probe>_accuracy``) with the strategy as it is now: the
+    benchmark's ``step_metrics``, i.e. compositional generalisation (and the non-compositional control) as the
+    stream proceeds."""
+    meta = callable(getattr(strategy, "adapt_tasks", None)) and getattr(strategy, "student", None) is not None
+    out = {}
+    for name, tasks in data.probes.items():
+        out[f"{name}_accuracy"] = strategy.adapt_tasks(tasks).accuracy if meta else _plain_adapt(data, strategy, tasks)[0]
     return out
 
 

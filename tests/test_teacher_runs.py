@@ -45,7 +45,17 @@ def test_resumed_meta_learner_run_is_identical(tmp_path, monkeypatch):
     _, resumed = run(cfg, runs_dir=tmp_path / "b", progress=False)
     assert resumed["metrics"] == reference["metrics"] and resumed["accuracy_matrix"] == reference["accuracy_matrix"]
     assert resumed["strategy_extras"] == reference["strategy_extras"]
+    assert resumed["step_metrics"] == reference["step_metrics"]
     assert [r["from_step"] for r in resumed["resumes"]] == [3]
+    # probe accuracy after every step; after the last it is the final metric (same state, same adaptation)
+    assert [r["step"] for r in reference["step_metrics"]] == list(range(6))
+    assert reference["step_metrics"][-1]["ood_accuracy"] == reference["metrics"]["ood_accuracy"]
+    # and measuring it changes nothing in the run
+    import bench.teacher_streams as streams
+
+    monkeypatch.setattr(streams, "probe_accuracies", lambda data, strategy: {})
+    _, unmeasured = run(cfg, runs_dir=tmp_path / "c", progress=False)
+    assert unmeasured["accuracy_matrix"] == reference["accuracy_matrix"] and unmeasured["metrics"] == reference["metrics"]
 
 
 def test_plain_strategy_on_the_one_module_stream(tmp_path):
