@@ -73,7 +73,9 @@ class TemplateEWCOptions(ProgramOptions):
     """EWC on the shared parameters: (λ/2) Σ_s F_s (θ − θ*_s)² (one anchor and Fisher per past experience)."""
 
     ewc_lambda: float = 100.0
-    scope: Literal["bank", "shared"] = "bank"  # bank: the templates only (the paper's row); shared: stem + templates + adapter
+    # bank (the paper's row): after the first experience only the templates (+ ξ_t, head_t) train, with the
+    # penalty on them, stem and adapter frozen; shared: stem, templates and adapter all train, all penalised
+    scope: Literal["bank", "shared"] = "bank"
     # proximal: after each optimiser step, θ ← argmin (1/2η)‖θ − θ'‖² + penalty (stable for any λ);
     # gradient: the penalty's gradient in the loss, which diverges once η·λ·F exceeds the optimiser's stability
     # limit (on the domains stream max F ≈ 25, so λ = 100 at η = 0.05 went to NaN)
@@ -406,6 +408,8 @@ class TemplateStrategy(_TaskProgramViews, SupervisedTemplate):
         for p in self.model.parameters():
             p.requires_grad_(False)
         body_params = list(self.body().parameters()) if train_body else []
+        if self.mode == "ewc" and self.options.scope == "bank" and not first:  # the paper's row: templates + ξ_t + head_t
+            body_params = [p for n, p in self.body().named_parameters() if n.startswith("bank.")]
         heads = [p for t in new for p in self.model.heads[str(t)].parameters()]
         programs = [self.model.program(t) for t in new if self.model.program(t) is not None]
         for p in body_params + heads + programs:

@@ -264,3 +264,14 @@ def test_proximal_ewc_with_the_optimisers_settles_at_the_ewc_optimum(optimizer):
         with torch.no_grad():
             theta.copy_(ewc_proximal(theta, [anchor], [fisher], lam, proximal_step_size(opt, theta)))
     torch.testing.assert_close(theta.detach(), optimum, atol=0.03, rtol=0)
+
+
+def test_ewc_on_the_bank_trains_only_templates_programs_and_heads_after_the_first_experience():
+    s = session("template-ewc", scope="bank", fisher_max_examples=5, ladder=False)
+    strategy, body = s.strategy, s.strategy.model.body
+    strategy.train(s.steps[0], eval_streams=[])
+    before = {n: p.detach().clone() for n, p in body.named_parameters()}
+    strategy.train(s.steps[1], eval_streams=[])
+    after = dict(body.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and all(n.startswith("bank.") for n in moved), moved  # stem and adapter frozen, templates train
