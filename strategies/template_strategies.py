@@ -625,9 +625,10 @@ class TemplateVectorStrategy(_ProgramBookkeeping, TaskVectorStrategy):
         t = self.pool.num_tasks
         head = [sum(p.numel() for p in h.parameters()) for h in self.model.heads.heads]
         per_task = [self.pool.trainable_count(s) + head[s] for s in range(t)]
+        # as the task-aware strategies count: parameters only (the shared program ξ0 is one); θ0's normalisation
+        # statistics are shared by every task here, so none are per task
         return {"params_per_task": float(sum(per_task) / t) if t else None, "statistics_per_task": 0.0,
-                "shared_params": float(sum(p.numel() for p in self.body().parameters()) + self.base_logits().numel()
-                                       + self.model.backbone.norms.statistics_count())}  # fmt: skip
+                "shared_params": float(sum(p.numel() for p in self.body().parameters()) + self.base_logits().numel())}  # fmt: skip
 
     # ------------------------------------------------------------------ the first experience: θ0
     def _prepare_experience(self) -> None:
