@@ -18,6 +18,7 @@ FIGURE_TITLES = {
     "forgetting": "Forgetting",
     "accuracy_matrix": "Accuracy matrix",
     "diagnostics": "Second-order diagnostics",
+    "extra_metrics": "Benchmark- and strategy-specific metrics",
 }
 
 

@@ -164,6 +164,26 @@ def test_no_diagnostics_no_diagnostics_plot_and_joint_only(tmp_path):
     assert names == {"final_accuracy", "accuracy_curve", "accuracy_matrix"}  # no forgetting is defined for joint
 
 
+def test_extra_metrics_become_columns_a_plot_and_a_linked_figure(tmp_path):
+    """Records with metrics beyond the standard ones (a benchmark's extra_metrics, a strategy's final_metrics)."""
+    rng = np.random.default_rng(1)
+    runs = tmp_path / "runs"
+    for i in range(5):
+        rec = synthetic_record(i * 21, rng)  # split-fmnist, naive, seeds 0..4
+        rec["metrics"] |= {"ood_accuracy": 0.4 + 0.01 * i, "decode_r2": None if i == 0 else 0.5}
+        (runs / rec["run_id"]).mkdir(parents=True)
+        (runs / rec["run_id"] / "record.json").write_text(json.dumps(rec))
+    page, res = build_leaderboard([str(runs)], tmp_path / "out")
+    assert res.extra_metrics == ["ood_accuracy", "decode_r2"]
+    table = summary_table(res, "split-fmnist")
+    assert len(table) == 1 and table["ood_accuracy_mean"].iloc[0] == pytest.approx(np.mean([0.4 + 0.01 * i for i in range(5)]))
+    assert table["decode_r2_mean"].iloc[0] == pytest.approx(0.5)  # a missing value is left out, not a zero
+    text = page.read_text()
+    assert "extra_metrics.png" in text and (tmp_path / "out" / "plots" / "split-fmnist" / "extra_metrics.png").is_file()
+    for link in re.findall(r"\]\(([^)]+)\)", text):
+        assert (tmp_path / "out" / link).is_file(), link
+
+
 def test_empty_store(tmp_path):
     (tmp_path / "runs").mkdir()
     page, res = build_leaderboard([str(tmp_path / "runs")], tmp_path / "out")
