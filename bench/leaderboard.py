@@ -57,11 +57,14 @@ def render_page(results: Results, figures: dict[str, dict[str, list[Path]]], out
         MARKER,
         "# Leaderboard",
         "",
-        f"Regenerate: `bash setup.sh main` (runs the main sweep, then this page) or `bench leaderboard {' '.join(sources)} --out {_display(str(out))}`.",
+        ("Regenerate: `bash setup.sh main` (runs the main sweep, then this page) or " if any(s.endswith("default.yaml") for s in sources)
+         else "Regenerate: ") + f"`bench leaderboard {' '.join(sources)} --out {_display(str(out))}`.",
         "",
         f"{len(runs)} runs from {', '.join(f'`{s}`' for s in sources)}; code commit(s) {', '.join(commits) or 'unknown'}. "
         "Each row is one strategy configuration; numbers are mean ± standard deviation over seeds (n seeds), "
-        "sorted by final average accuracy. Class-incremental: one output layer over all classes seen so far, no task labels at test time.",
+        "sorted by final average accuracy. Accuracy is what each benchmark's test stream scores: on the split-* streams "
+        "class-incremental (one output layer over all classes seen so far, no task labels at test time); the domain "
+        "and teacher streams are described in the repository's README.",
         "",
         "- **Final acc.**: average accuracy over all experiences after the last one.",
         "- **Forgetting**: mean over experiences of (best earlier accuracy − final accuracy); lower is better.",

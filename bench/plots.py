@@ -181,16 +181,19 @@ def plot_extra_metrics(results: Results, benchmark: str, base: Path) -> list[Pat
         return None
     plt, sns = _setup()
     order = _order(results, benchmark)
-    cols = min(3, len(names))
+    cols = min(4, len(names))
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, rows * (0.35 * len(order) + 1.4)), squeeze=False)
+    # one row of panels shares the strategy axis (labels once, on the left); a strategy without the metric is empty
+    label_width = 0.075 * max(len(str(label)) for label in order)
+    fig, axes = plt.subplots(rows, cols, figsize=(label_width + 2.6 * cols, rows * (0.3 * len(order) + 1.2)), squeeze=False,
+                             sharey=True)  # fmt: skip
     for ax, name in zip(axes.flat, names):
         data = runs[runs[name].notna()]
-        shown = [label for label in order if label in set(data["label"])]
-        sns.barplot(data=data, y="label", x=name, hue="label", order=shown, hue_order=shown, palette=_palette(sns, order),
+        sns.barplot(data=data, y="label", x=name, hue="label", order=order, hue_order=order, palette=_palette(sns, order),
                     errorbar="sd", capsize=0.3, err_kws={"linewidth": 1.2}, legend=False, ax=ax)  # fmt: skip
-        sns.stripplot(data=data, y="label", x=name, order=shown, color="black", size=3, alpha=0.7, ax=ax)
+        sns.stripplot(data=data, y="label", x=name, order=order, color="black", size=3, alpha=0.7, ax=ax)
         ax.set(xlabel=name, ylabel="")
+        ax.tick_params(axis="x", labelsize="small")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle(f"{benchmark}: extra metrics (mean ± sd over seeds)")
