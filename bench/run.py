@@ -157,8 +157,9 @@ def execute(
     ``final_metrics(benchmark) -> dict`` (scalar metrics computed after the stream, e.g. transfer to a task the
     benchmark held out; merged into the record's ``metrics``; must not change what later steps would see).
     Benchmarks may expose ``extra_metrics(strategy) -> dict`` (scalar metrics of the trained strategy, e.g. on
-    probe streams; merged into the record's ``metrics``), ``step_metrics(strategy) -> dict`` (scalars after every
-    training step, e.g. accuracy on a probe stream as training proceeds; the record's ``step_metrics``, computed
+    probe streams; merged into the record's ``metrics``), ``step_metrics(strategy, trained) -> dict`` (scalars after every
+    training step, ``trained`` the experience indices trained so far, e.g. accuracy on a probe stream as training
+    proceeds; the record's ``step_metrics``, computed
     with the RNG state restored afterwards so that they do not change the run) and ``info['input_dim']`` (given to
     a backbone whose ``in_features`` option is null).
 
@@ -198,7 +199,8 @@ def execute(
         step_metrics = getattr(session.benchmark, "step_metrics", None)
         if callable(step_metrics):
             with torch.random.fork_rng(devices=[]):
-                loop.setdefault("step_metrics", []).append({"step": i} | step_metrics(session.strategy))
+                trained = [e.current_experience for step in session.steps[: i + 1] for e in step]
+                loop.setdefault("step_metrics", []).append({"step": i} | step_metrics(session.strategy, trained))
         loop["timings"].append({
             "step": i,
             "experiences": [e.current_experience for e in experiences],

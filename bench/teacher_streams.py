@@ -31,6 +31,7 @@ experience brings new classes (one head per experience, as the class-incremental
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 import hashlib
 import itertools
 import math
@@ -242,7 +243,7 @@ def build_stream(stream: str, o: TeacherOptions, stream_seed: int | None):
         "connected": is_connected(trained, o.n_modules, o.generated_layers),
     }
     bm.extra_metrics = lambda strategy: teacher_metrics(data, strategy)
-    bm.step_metrics = lambda strategy: probe_accuracies(data, strategy)
+    bm.step_metrics = lambda strategy, trained: probe_accuracies(data, strategy, trained)
     return bm
 
 
@@ -352,14 +353,25 @@ def teacher_metrics(data: TeacherStreams, strategy) -> dict[str, float | None]:
     return out
 
 
-def probe_accuracies(data: TeacherStreams, strategy) -> dict[str, float]:
-    """Few-shot accuracy on every probe stream (``<probe>_accuracy``) with the strategy as it is now: the
-    benchmark's ``step_metrics``, i.e. compositional generalisation (and the non-compositional control) as the
-    stream proceeds."""
+def probe_accuracies(data: TeacherStreams, strategy, trained: Sequence[int]) -> dict[str, float]:
+    """Few-shot accuracy on every probe stream (``<probe>_accuracy``) with the strategy as it is after training
+    the experiences ``trained``: the benchmark's ``step_metrics``. While some modules are still unseen, each probe
+    is also split into its combinations of seen modules only (``<probe>_seen_accuracy``: CompGen(e) of the
+    connected curriculum) and those using an unseen module (``<probe>_unseen_accuracy``: NonComp(e))."""
     meta = callable(getattr(strategy, "adapt_tasks", None)) and getattr(strategy, "student", None) is not None
+
+    def accuracy(tasks: TaskSet) -> float:
+        return strategy.adapt_tasks(tasks).accuracy if meta else _plain_adapt(data, strategy, tasks)[0]
+
+    seen = {m for e in trained for c in data.experiences[e].combinations for code in c for m in code}
     out = {}
     for name, tasks in data.probes.items():
-        out[f"{name}_accuracy"] = strategy.adapt_tasks(tasks).accuracy if meta else _plain_adapt(data, strategy, tasks)[0]
+        out[f"{name}_accuracy"] = accuracy(tasks)
+        inside = [i for i in range(len(tasks)) if {m for code in tasks.combinations[int(tasks.combination[i])] for m in code} <= seen]
+        if 0 < len(inside) < len(tasks):
+            outside = sorted(set(range(len(tasks))) - set(inside))
+            out[f"{name}_seen_accuracy"] = accuracy(tasks.subset(inside))
+            out[f"{name}_unseen_accuracy"] = accuracy(tasks.subset(outside))
     return out
 
 

@@ -50,10 +50,17 @@ def test_resumed_meta_learner_run_is_identical(tmp_path, monkeypatch):
     # probe accuracy after every step; after the last it is the final metric (same state, same adaptation)
     assert [r["step"] for r in reference["step_metrics"]] == list(range(6))
     assert reference["step_metrics"][-1]["ood_accuracy"] == reference["metrics"]["ood_accuracy"]
+    # connected curriculum: the probe pairs split into those of modules seen so far (CompGen(e)) and the rest
+    # (NonComp(e)) while modules are unseen; after experience 0 only module 0 is seen, so no pair is inside
+    first, middle = reference["step_metrics"][0], reference["step_metrics"][3]
+    assert "ood_seen_accuracy" not in first and "ood_unseen_accuracy" not in first
+    assert {"ood_seen_accuracy", "ood_unseen_accuracy"} <= set(middle) and "ood_seen_accuracy" not in reference["step_metrics"][-1]
+    # after experience 3 (modules 0–3), 2 of the 8 probe pairs ({0,3}, {1,3}) are inside, with equally many tasks
+    assert middle["ood_accuracy"] == pytest.approx((2 * middle["ood_seen_accuracy"] + 6 * middle["ood_unseen_accuracy"]) / 8, abs=1e-6)
     # and measuring it changes nothing in the run
     import bench.teacher_streams as streams
 
-    monkeypatch.setattr(streams, "probe_accuracies", lambda data, strategy: {})
+    monkeypatch.setattr(streams, "probe_accuracies", lambda data, strategy, trained: {})
     _, unmeasured = run(cfg, runs_dir=tmp_path / "c", progress=False)
     assert unmeasured["accuracy_matrix"] == reference["accuracy_matrix"] and unmeasured["metrics"] == reference["metrics"]
 
