@@ -157,11 +157,11 @@ def execute(
     ``final_metrics(benchmark) -> dict`` (scalar metrics computed after the stream, e.g. transfer to a task the
     benchmark held out; merged into the record's ``metrics``; must not change what later steps would see).
     Benchmarks may expose ``extra_metrics(strategy) -> dict`` (scalar metrics of the trained strategy, e.g. on
-    probe streams; merged into the record's ``metrics``), ``step_metrics(strategy, trained) -> dict`` (scalars after every
-    training step, ``trained`` the experience indices trained so far, e.g. accuracy on a probe stream as training
-    proceeds; the record's ``step_metrics``, computed
-    with the RNG state restored afterwards so that they do not change the run) and ``info['input_dim']`` (given to
-    a backbone whose ``in_features`` option is null).
+    probe streams; merged into the record's ``metrics``), ``step_metrics(strategy, trained) -> dict`` (scalars
+    after every training step, ``trained`` being the experience indices trained so far, e.g. accuracy on a probe
+    stream as training proceeds; the record's ``step_metrics``, computed with the RNG state restored afterwards
+    so that they do not change the run) and ``info['input_dim']`` (given to a backbone whose ``in_features``
+    option is null).
 
     With ``checkpoint_path``, the complete training state is saved there after every experience (see
     :mod:`bench.checkpoint`), and a checkpoint already there (of the same config) is resumed: the record of a

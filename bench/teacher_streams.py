@@ -31,10 +31,10 @@ experience brings new classes (one head per experience, as the class-incremental
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 import hashlib
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np

@@ -101,7 +101,8 @@ def optimizer_for(groups: Sequence[tuple[list[nn.Parameter], float]], train: Tra
     return cls(param_groups, lr=train.lr, weight_decay=train.weight_decay)
 
 
-def ewc_proximal(theta: torch.Tensor, anchors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor], lam: float, lr: float) -> torch.Tensor:
+def ewc_proximal(theta: torch.Tensor, anchors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor], lam: float,
+                 lr: float | torch.Tensor) -> torch.Tensor:  # fmt: skip
     """argmin_θ (1/2η)‖θ − θ'‖² + (λ/2) Σ_s F_s (θ − θ*_s)²  =  (θ' + ηλ Σ_s F_s θ*_s) / (1 + ηλ Σ_s F_s), elementwise
     (η a number or a per-coordinate tensor)."""
     weight = sum(fishers) * (lr * lam)
