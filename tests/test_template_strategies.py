@@ -189,6 +189,12 @@ def test_every_template_strategy_runs_and_reports_its_metrics(strategy, tmp_path
         assert len(rec["accuracy_matrix"]) == 1 and m["forgetting"] is None
     if strategy == "template-iel":
         assert 0 <= m["task_aware_accuracy"] <= 1
+        # one diagnostics row per experience holding both IEL's second-order rows and the programs' rows
+        rows = rec["strategy_extras"]["diagnostics"]
+        assert [r["tasks"] for r in rows] == [1, 2, 3]
+        assert all({"jensen_gap", "mixture_entropy", "composed_entropy"} <= set(r) for r in rows), rows
+        # before training = ξ0's U[0, 1) draw (near-uniform), not the trained ξ0
+        assert m["mixture_entropy_init"] > 0.9 and m["mixture_entropy_base"] <= 1
 
 
 def test_resumed_template_runs_are_identical(tmp_path, monkeypatch):
