@@ -311,6 +311,20 @@ def _kl(logits, soft):
     return soft_kl(logits, soft)
 
 
+def _few_shot(data: TeacherStreams, strategy, tasks: TaskSet, initial: bool = False):
+    """(accuracy, loss, adapted task parameters) of the few-shot protocol: a meta-learner adapts its fast
+    parameters, any other strategy fits a read-out on its features (``initial``: from the untrained learner)."""
+    if callable(getattr(strategy, "adapt_tasks", None)) and getattr(strategy, "student", None) is not None:
+        r = strategy.adapt_tasks(tasks, initial=initial)
+        return r.accuracy, r.loss, r.fast
+    return _plain_adapt(data, strategy, tasks, initial=initial)
+
+
+def _modules(c: Combination) -> set[int]:
+    """Every module a combination uses, in any generated layer."""
+    return {m for code in c for m in code}
+
+
 def teacher_metrics(data: TeacherStreams, strategy) -> dict[str, float | None]:
     """Few-shot metrics after the stream, for any strategy (adapting its fast parameters if it has some, else a
     read-out on its features): ``id_accuracy``/``id_loss`` on the trained tasks, ``ood_accuracy``/``ood_loss`` on
@@ -322,14 +336,10 @@ def teacher_metrics(data: TeacherStreams, strategy) -> dict[str, float | None]:
     from bench import compmetrics as C
 
     trained = TaskSet.concat(data.experiences)
-    meta = callable(getattr(strategy, "adapt_tasks", None)) and getattr(strategy, "student", None) is not None
     out: dict[str, float | None] = {}
 
-    def run(tasks: TaskSet, initial: bool = False):
-        if meta:
-            r = strategy.adapt_tasks(tasks, initial=initial)
-            return r.accuracy, r.loss, r.fast
-        return _plain_adapt(data, strategy, tasks, initial=initial)
+    def run(tasks: TaskSet, initial: bool = False):  # the few-shot protocol of this strategy
+        return _few_shot(data, strategy, tasks, initial)
 
     id_acc, id_loss, id_fast = run(trained)
     out |= {"id_accuracy": id_acc, "id_loss": id_loss}
@@ -358,16 +368,14 @@ def probe_accuracies(data: TeacherStreams, strategy, trained: Sequence[int]) -> 
     the experiences ``trained``: the benchmark's ``step_metrics``. While some modules are still unseen, each probe
     is also split into its combinations of seen modules only (``<probe>_seen_accuracy``: CompGen(e) of the
     connected curriculum) and those using an unseen module (``<probe>_unseen_accuracy``: NonComp(e))."""
-    meta = callable(getattr(strategy, "adapt_tasks", None)) and getattr(strategy, "student", None) is not None
-
     def accuracy(tasks: TaskSet) -> float:
-        return strategy.adapt_tasks(tasks).accuracy if meta else _plain_adapt(data, strategy, tasks)[0]
+        return _few_shot(data, strategy, tasks)[0]
 
-    seen = {m for e in trained for c in data.experiences[e].combinations for code in c for m in code}
+    seen = {m for e in trained for c in data.experiences[e].combinations for m in _modules(c)}
     out = {}
     for name, tasks in data.probes.items():
         out[f"{name}_accuracy"] = accuracy(tasks)
-        inside = [i for i in range(len(tasks)) if {m for code in tasks.combinations[int(tasks.combination[i])] for m in code} <= seen]
+        inside = [i for i in range(len(tasks)) if _modules(tasks.combinations[int(tasks.combination[i])]) <= seen]
         if 0 < len(inside) < len(tasks):
             outside = sorted(set(range(len(tasks))) - set(inside))
             out[f"{name}_seen_accuracy"] = accuracy(tasks.subset(inside))
