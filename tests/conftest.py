@@ -8,8 +8,9 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub lookup fails at once instead of retrying for a minute
 
-import strategies  # noqa: E402,F401  (installs the torchvision CPU fix before anything imports torchvision)
 import torch  # noqa: E402
+
+import clcompose.strategies  # noqa: E402,F401  (installs the torchvision CPU fix before anything imports torchvision)
 
 torch.set_num_threads(1)
 
@@ -30,8 +31,8 @@ def _isolated_cache(tmp_path_factory):
 
 def require_data(name: str):
     """Skip (outside CI) or fail (in CI, where the set-up installs everything) when a data set is missing."""
-    from bench.datasets import load_dataset
-    from strategies.registry import ConfigError
+    from clcompose.bench.data.datasets import load_dataset
+    from clcompose.strategies.core.registry import ConfigError
 
     try:
         return load_dataset(name)

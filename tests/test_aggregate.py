@@ -12,10 +12,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.aggregate import load_results, summary_table, to_latex, to_markdown, variant_labels, write_tables
-from bench.cli import main
-from bench.leaderboard import MARKER, build_leaderboard
-from bench.perf import synthetic_record, write_synthetic
+from clcompose.bench.cli.main import main
+from clcompose.bench.perf.records import synthetic_record, write_synthetic
+from clcompose.bench.report.aggregate import (
+    load_results,
+    summary_table,
+    to_latex,
+    to_markdown,
+    variant_labels,
+)
+from clcompose.bench.report.leaderboard import MARKER, build_leaderboard
 
 
 @pytest.fixture()
@@ -55,7 +61,11 @@ def test_tidy_frames_and_skipped_files(store):
     assert set(res.curves.groupby("run_id").size()) == {5} and len(res.curves) == 5 * (63 - 9)
     assert len(res.matrices) == 25 * 54 + 5 * 9
     assert set(res.diagnostics.merge(res.runs, on="run_id")["strategy"]) == {"ita", "iel"}
-    assert set(res.diagnostics["key"]) == {"jensen_gap", "fisher_spread", "tau_norm (mean)"}  # lists averaged, matrices and counts left out
+    assert set(res.diagnostics["key"]) == {
+        "jensen_gap",
+        "fisher_spread",
+        "tau_norm (mean)",
+    }  # lists averaged, matrices and counts left out
 
 
 def test_summary_table_is_mean_and_sd_over_seeds(store):
@@ -72,8 +82,11 @@ def test_summary_table_is_mean_and_sd_over_seeds(store):
         assert row[f"{metric}_mean"] == pytest.approx(np.mean(values))
         assert row[f"{metric}_std"] == pytest.approx(np.std(values, ddof=1))
     md = to_markdown(table)
-    line = next(l for l in md.splitlines() if l.startswith("| ewc |"))
-    mean, sd = 100 * np.mean([r["metrics"]["final_average_accuracy"] for r in ewc]), 100 * np.std([r["metrics"]["final_average_accuracy"] for r in ewc], ddof=1)
+    line = next(row_line for row_line in md.splitlines() if row_line.startswith("| ewc |"))
+    mean, sd = (
+        100 * np.mean([r["metrics"]["final_average_accuracy"] for r in ewc]),
+        100 * np.std([r["metrics"]["final_average_accuracy"] for r in ewc], ddof=1),
+    )
     assert f"| 3 | {mean:.1f} ± {sd:.1f} |" in line
     assert re.search(r"\| joint \| 3 \| [\d.]+ ± [\d.]+ \| – \| – \|", md)
     tex = to_latex(table, "split_fmnist & co")
@@ -82,16 +95,30 @@ def test_summary_table_is_mean_and_sd_over_seeds(store):
 
 
 def test_labels_name_what_varies():
-    base = {"benchmark": "b", "backbone": "x", "strategy": "ewc", "strategy_options": {"ewc_lambda": 10.0, "mode": "separate"},
-            "train": {"lr": 0.1}, "backbone_options": {}, "benchmark_options": {}, "device": "cpu", "threads": 1}
+    base = {
+        "benchmark": "b",
+        "backbone": "x",
+        "strategy": "ewc",
+        "strategy_options": {"ewc_lambda": 10.0, "mode": "separate"},
+        "train": {"lr": 0.1},
+        "backbone_options": {},
+        "benchmark_options": {},
+        "device": "cpu",
+        "threads": 1,
+    }
     variants = {
         "a": base,
         "b": base | {"strategy_options": {"ewc_lambda": 100.0, "mode": "separate"}},
         "c": base | {"strategy": "naive", "strategy_options": {}},
         "d": base | {"strategy": "naive", "strategy_options": {}, "train": {"lr": 0.01}},
-    }  # fmt: skip
+    }
     # lr varies across the benchmark's variants: shown where it differs from the most common value (0.1)
-    assert variant_labels(variants) == {"a": "ewc (ewc_lambda=10)", "b": "ewc (ewc_lambda=100)", "c": "naive", "d": "naive (lr=0.01)"}
+    assert variant_labels(variants) == {
+        "a": "ewc (ewc_lambda=10)",
+        "b": "ewc (ewc_lambda=100)",
+        "c": "naive",
+        "d": "naive (lr=0.01)",
+    }
     two_backbones = {f"{k}{i}": v | {"backbone": bb} for i, bb in enumerate("xy") for k, v in variants.items()}
     labels = variant_labels(two_backbones)  # no most common backbone: named on every row
     assert labels["c0"] == "naive (backbone=x)" and labels["d1"] == "naive (backbone=y, lr=0.01)", labels
@@ -106,12 +133,17 @@ def test_aggregate_command_writes_tables_and_reports_bad_files(store, tmp_path, 
     assert "duplicate of" in err
     tables = tmp_path / "out" / "tables"
     assert sorted(p.name for p in tables.iterdir()) == sorted(
-        [f"{b}.{s}" for b in ("split-cifar100", "split-digits", "split-fmnist") for s in ("csv", "md", "tex")] + ["runs.csv"])
+        [f"{b}.{s}" for b in ("split-cifar100", "split-digits", "split-fmnist") for s in ("csv", "md", "tex")]
+        + ["runs.csv"]
+    )
     csv = pd.read_csv(tables / "split-digits.csv")
-    assert len(csv) == 7 and {"final_average_accuracy_mean", "final_average_accuracy_std", "n_seeds", "variant"} <= set(csv.columns)
+    assert len(csv) == 7 and {"final_average_accuracy_mean", "final_average_accuracy_std", "n_seeds", "variant"} <= set(
+        csv.columns
+    )
     assert len(pd.read_csv(tables / "runs.csv")) == 63
 
 
+@pytest.mark.slow
 def test_leaderboard_page_links_tables_and_plots(store, tmp_path):
     runs, _ = store
     out = tmp_path / "results"
@@ -123,7 +155,11 @@ def test_leaderboard_page_links_tables_and_plots(store, tmp_path):
     for bench in ("split-cifar100", "split-digits", "split-fmnist"):
         assert f"## {bench}" in text
         figures = {p.name for p in (out / "plots" / bench).iterdir()}
-        assert figures == {f"{f}.{e}" for f in ("final_accuracy", "accuracy_curve", "forgetting", "accuracy_matrix", "diagnostics") for e in ("png", "pdf")}
+        assert figures == {
+            f"{f}.{e}"
+            for f in ("final_accuracy", "accuracy_curve", "forgetting", "accuracy_matrix", "diagnostics")
+            for e in ("png", "pdf")
+        }
     assert "## Skipped files" in text and "truncated" in text
     assert (out / "plots" / "split-digits" / "final_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "plots" / "split-digits" / "final_accuracy.pdf").read_bytes()[:5] == b"%PDF-"
@@ -141,7 +177,9 @@ def some_records(tmp_path: Path, keep) -> Path:
 
 
 def test_regenerating_gives_identical_files(tmp_path):
-    runs = some_records(tmp_path, lambda c: c["benchmark"] == "split-digits" and c["strategy"] in ("naive", "ita", "joint"))
+    runs = some_records(
+        tmp_path, lambda c: c["benchmark"] == "split-digits" and c["strategy"] in ("naive", "ita", "joint")
+    )
     out = tmp_path / "results"
     build_leaderboard([str(runs)], out)
     (out / "tables" / "stale.csv").write_text("from an earlier generation")
@@ -176,7 +214,9 @@ def test_extra_metrics_become_columns_a_plot_and_a_linked_figure(tmp_path):
     page, res = build_leaderboard([str(runs)], tmp_path / "out")
     assert res.extra_metrics == ["ood_accuracy", "decode_r2"]
     table = summary_table(res, "split-fmnist")
-    assert len(table) == 1 and table["ood_accuracy_mean"].iloc[0] == pytest.approx(np.mean([0.4 + 0.01 * i for i in range(5)]))
+    assert len(table) == 1 and table["ood_accuracy_mean"].iloc[0] == pytest.approx(
+        np.mean([0.4 + 0.01 * i for i in range(5)])
+    )
     assert table["decode_r2_mean"].iloc[0] == pytest.approx(0.5)  # a missing value is left out, not a zero
     text = page.read_text()
     assert "extra_metrics.png" in text and (tmp_path / "out" / "plots" / "split-fmnist" / "extra_metrics.png").is_file()
@@ -191,7 +231,12 @@ def test_empty_store(tmp_path):
 
 
 def test_perf_command_reports_figures(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "--records", "60", "--help-runs", "2"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "clcompose.bench", "perf", "--records", "60", "--help-runs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"aggregate in process: read 60 records in [\d.]+ s", r.stdout), r.stdout
     assert re.search(r"`bench --help`: median [\d.]+ s", r.stdout), r.stdout

@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.backbones import BACKBONES, build_backbone, efficientnet_weights_path, pretrain_small_cnn, SmallCNNOptions
-from strategies.registry import ConfigError
+from clcompose.bench.models.backbones import (
+    BACKBONES,
+    SmallCNNOptions,
+    build_backbone,
+    efficientnet_weights_path,
+    pretrain_small_cnn,
+)
+from clcompose.strategies.core.registry import ConfigError
 
 
 def test_efficientnet_loads_the_imagenet_weights_and_keeps_bn_frozen():
@@ -55,7 +61,9 @@ def test_small_cnn_checkpoint_is_content_addressed_and_reused():
     mtime = path.stat().st_mtime_ns
     again, _ = pretrain_small_cnn(opts, progress=False)
     assert again == path and path.stat().st_mtime_ns == mtime  # cache hit, not retrained
-    other, _ = pretrain_small_cnn(SmallCNNOptions(source="digits", pretrain_epochs=2, input_size=16, width=4), progress=False)
+    other, _ = pretrain_small_cnn(
+        SmallCNNOptions(source="digits", pretrain_epochs=2, input_size=16, width=4), progress=False
+    )
     assert other != path
     a = build_backbone("small-cnn", opts.to_dict())
     b = build_backbone("small-cnn", opts.to_dict())
@@ -65,7 +73,9 @@ def test_small_cnn_checkpoint_is_content_addressed_and_reused():
 
 
 def test_tiny_random_vit_through_the_timm_code_path():
-    model = build_backbone("vit-b16", {"pretrained": False, "img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3})
+    model = build_backbone(
+        "vit-b16", {"pretrained": False, "img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
+    )
     out = model(torch.rand(2, 1, 28, 28))
     assert out.shape == (2, 48) and model.out_features == 48
     out.sum().backward()
@@ -74,7 +84,10 @@ def test_tiny_random_vit_through_the_timm_code_path():
 
 def test_vit_pretrained_offline_is_a_clear_error():
     with pytest.raises(ConfigError, match="hub"):
-        build_backbone("vit-b16", {"pretrained": True, "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 24, "num_heads": 2})
+        build_backbone(
+            "vit-b16",
+            {"pretrained": True, "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 24, "num_heads": 2},
+        )
 
 
 def test_backbone_names_and_option_validation():

@@ -5,29 +5,44 @@ import sys
 
 import pytest
 
-from bench.cli import main
+from clcompose.bench.cli.main import main
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "clcompose.bench", *args], capture_output=True, text=True, timeout=600)
 
 
 def one_error_line(r: subprocess.CompletedProcess) -> str:
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr[-3000:])
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("bench: error: "), r.stderr[-3000:]
     return lines[0]
 
 
-QUICK = ["run", "--benchmark", "split-digits", "--backbone", "small-cnn", "--set", "backbone.source=digits",
-         "--set", "backbone.pretrain_epochs=1", "--set", "backbone.input_size=16", "--quiet"]  # fmt: skip
+QUICK = [
+    "run",
+    "--benchmark",
+    "split-digits",
+    "--backbone",
+    "small-cnn",
+    "--set",
+    "backbone.source=digits",
+    "--set",
+    "backbone.pretrain_epochs=1",
+    "--set",
+    "backbone.input_size=16",
+    "--quiet",
+]
 
 
 @pytest.mark.parametrize(
     "args, pattern",
     [
         (["--strategy", "nope"], r"unknown strategy 'nope'; valid: .*ewc.*naive"),
-        (["--strategy", "naive", "--benchmark", "split-nothing"], r"unknown benchmark 'split-nothing'; valid: .*split-fmnist"),
+        (
+            ["--strategy", "naive", "--benchmark", "split-nothing"],
+            r"unknown benchmark 'split-nothing'; valid: .*split-fmnist",
+        ),
         (["--strategy", "naive", "--backbone", "alexnet"], r"unknown backbone 'alexnet'; valid: .*efficientnet-lite0"),
         (["--strategy", "ewc", "--set", "strategy.ewc_lambda=-3"], r"ewc_lambda must be >= 0"),
         (["--strategy", "ewc", "--set", "strategy.ewc_lambda=lots"], r"ewc_lambda must be a number"),
@@ -35,15 +50,20 @@ QUICK = ["run", "--benchmark", "split-digits", "--backbone", "small-cnn", "--set
         (["--strategy", "naive", "--set", "train.optimizer=rmsprop"], r"optimizer must be one of sgd, adam, adamw"),
         (["--strategy", "naive", "--set", "strategy.lambda=1"], r"unknown option\(s\) lambda for strategy 'naive'"),
         (["--strategy", "naive", "--set", "nonsense"], r"--set expects SECTION.KEY=VALUE"),
-        (["--strategy", "naive", "--n-experiences", "11"], r"n_experiences must be between 1 and the number of classes"),
+        (
+            ["--strategy", "naive", "--n-experiences", "11"],
+            r"n_experiences must be between 1 and the number of classes",
+        ),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(args, pattern, tmp_path):
     r = bench(*QUICK, "--runs-dir", str(tmp_path), *args)
     assert __import__("re").search(pattern, one_error_line(r))
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_existing_output_is_refused_and_kept(tmp_path):
     out = tmp_path / "record.json"
     out.write_text('{"keep": true}')
@@ -52,15 +72,29 @@ def test_existing_output_is_refused_and_kept(tmp_path):
 
 
 def test_missing_data_names_the_fix(tmp_path, monkeypatch, capsys):
-    import bench.datasets as D
+    import clcompose.bench.data.datasets as D
 
     monkeypatch.setattr(D, "FASHION_MNIST_DEBIAN", tmp_path / "absent")
     monkeypatch.delenv("BENCH_DATA_ROOT", raising=False)
-    code = main(["run", "--benchmark", "split-fmnist", "--strategy", "naive", "--data-root", str(tmp_path), "--quiet", "--runs-dir", str(tmp_path / "runs")])
+    code = main(
+        [
+            "run",
+            "--benchmark",
+            "split-fmnist",
+            "--strategy",
+            "naive",
+            "--data-root",
+            str(tmp_path),
+            "--quiet",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "apt-get install dataset-fashion-mnist" in err[0]
 
 
+@pytest.mark.slow
 def test_malformed_config_file(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("strategy: [naive\n")
@@ -71,6 +105,7 @@ def test_malformed_config_file(tmp_path):
     assert "unknown run config key(s) sede" in one_error_line(bench("run", "--config", str(cfg)))
 
 
+@pytest.mark.slow
 def test_config_file_run_and_list(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
@@ -86,5 +121,5 @@ def test_config_file_run_and_list(tmp_path):
 
 
 def test_help_lists_the_verbs():
-    r = subprocess.run([sys.executable, "-m", "bench.cli", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "clcompose.bench", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "run" in r.stdout and "list" in r.stdout

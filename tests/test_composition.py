@@ -4,11 +4,9 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-from strategies.diagnostics import cosine_matrix, fisher_weighted_spread, jensen_gap
-from strategies.task_vectors import TaskVectorPool, select_layers
-
+from clcompose.strategies.task_vectors.diagnostics import cosine_matrix, fisher_weighted_spread, jensen_gap
+from clcompose.strategies.task_vectors.pool import TaskVectorPool, select_layers
 from tests.test_regularizers import pool_with_tasks, tiny_model
 
 
@@ -91,6 +89,8 @@ def test_spread_and_cosine_by_hand():
     deltas = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     # τ_P = (0.5, 1); ‖τ_0 − τ_P‖² = 0.25 + 1, ‖τ_1 − τ_P‖² = 0.25 + 1 → ½ · (½·1.25 + ½·1.25)
     assert fisher_weighted_spread(deltas, [0.5, 0.5]) == pytest.approx(0.625)
-    assert fisher_weighted_spread(deltas, [0.5, 0.5], torch.tensor([2.0, 0.0])) == pytest.approx(0.5 * (0.5 * 0.5 + 0.5 * 0.5))
+    assert fisher_weighted_spread(deltas, [0.5, 0.5], torch.tensor([2.0, 0.0])) == pytest.approx(
+        0.5 * (0.5 * 0.5 + 0.5 * 0.5)
+    )
     assert cosine_matrix(deltas) == [[1.0, 0.0], [0.0, 1.0]]
     assert jensen_gap([1.0, 3.0], 1.5) == pytest.approx(0.5)

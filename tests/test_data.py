@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from bench.benchmarks import BENCHMARKS, build_benchmark, class_order, classes_per_experience
-from bench.datasets import load_dataset
-from strategies.registry import ConfigError
+from clcompose.bench.data.benchmarks import BENCHMARKS, build_benchmark, class_order, classes_per_experience
+from clcompose.bench.data.datasets import load_dataset
+from clcompose.strategies.core.registry import ConfigError
 from tests.conftest import require_data
 
 EXPECTED = {  # name: (train per class, test per class, image shape)
@@ -55,7 +55,7 @@ def test_digits_shapes():
 
 
 def test_missing_fashion_mnist_names_how_to_get_it(tmp_path, monkeypatch):
-    import bench.datasets as D
+    import clcompose.bench.data.datasets as D
 
     monkeypatch.setattr(D, "FASHION_MNIST_DEBIAN", tmp_path / "nowhere")
     monkeypatch.delenv("BENCH_DATA_ROOT", raising=False)
@@ -64,7 +64,7 @@ def test_missing_fashion_mnist_names_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_truncated_idx_file_is_reported(tmp_path):
-    from bench.datasets import _read_idx
+    from clcompose.bench.data.datasets import _read_idx
 
     p = tmp_path / "t10k-images-idx3-ubyte"
     p.write_bytes(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 100)
@@ -112,7 +112,9 @@ def test_uneven_split_and_bounds():
 
 def test_cross_domain_stream_has_twenty_classes():
     require_data("mnist5k"), require_data("animal")
-    bm = build_benchmark("split-mnist5k-animal", {"n_experiences": 4, "per_class": 3, "test_per_class": 2}, stream_seed=0)
+    bm = build_benchmark(
+        "split-mnist5k-animal", {"n_experiences": 4, "per_class": 3, "test_per_class": 2}, stream_seed=0
+    )
     classes = sorted(c for e in bm.train_stream for c in e.classes_in_this_experience)
     assert classes == list(range(20)) and bm.info["train_size"] == 60
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from strategies.fisher import FisherAccumulator, fisher_sum
+from clcompose.strategies.core.fisher import FisherAccumulator, fisher_sum
 
 
 def setup():

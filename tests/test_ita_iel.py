@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from bench.run import run
-from strategies.ita import ComposableNet
+from clcompose.bench.runs.run import run
+from clcompose.strategies.task_vectors.composable import ComposableNet
 from tests.test_regularizers import tiny_model
 
 DIGITS = {
@@ -16,8 +16,15 @@ DIGITS = {
     "backbone_options": {"source": "mnist5k", "pretrain_epochs": 3, "width": 8, "input_size": 16},
     "train": {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.002},
 }
-FAST = {"fisher_max_examples": 24, "probe_epochs": 5, "align_epochs": 2, "align_epochs_per_task": 1, "align_per_class": 32,
-        "rank": 2, "diagnostics_examples": 20}  # fmt: skip
+FAST = {
+    "fisher_max_examples": 24,
+    "probe_epochs": 5,
+    "align_epochs": 2,
+    "align_epochs_per_task": 1,
+    "align_per_class": 32,
+    "rank": 2,
+    "diagnostics_examples": 20,
+}
 
 
 def config(strategy: str, **options) -> dict:
@@ -86,7 +93,9 @@ def test_runs_end_to_end_in_every_tuning_style(strategy, tuning, tmp_path):
 
 
 def test_task_arithmetic_chooses_lambda_on_validation_data(tmp_path):
-    _, rec = run(config("task-arithmetic", composition="sum", lambda_grid=[0.3, 0.6, 1.0]), runs_dir=tmp_path, progress=False)
+    _, rec = run(
+        config("task-arithmetic", composition="sum", lambda_grid=[0.3, 0.6, 1.0]), runs_dir=tmp_path, progress=False
+    )
     lambdas = rec["strategy_extras"]["lambda"]
     assert [d["experience"] for d in lambdas] == [0, 1, 2]
     assert all(d["lambda"] in (0.3, 0.6, 1.0) and 0 <= d["val_accuracy"] <= 1 for d in lambdas)
@@ -101,14 +110,17 @@ def test_ita_run_is_deterministic(tmp_path):
     assert a["strategy_extras"]["diagnostics"] == b["strategy_extras"]["diagnostics"]
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("alpha", -1, "alpha must be >= 0"),
-    ("tuning", "dora", "tuning must be one of full, lora, ia3"),
-    ("rank", 0, "rank must be >= 1"),
-    ("fisher", "empirical", "fisher must be one of exact, topk, sampled"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("alpha", -1, "alpha must be >= 0"),
+        ("tuning", "dora", "tuning must be one of full, lora, ia3"),
+        ("rank", 0, "rank must be >= 1"),
+        ("fisher", "empirical", "fisher must be one of exact, topk, sampled"),
+    ],
+)
 def test_invalid_hyperparameters_are_clear_errors(option, value, message):
-    from strategies.registry import STRATEGIES, ConfigError
+    from clcompose.strategies.core.registry import STRATEGIES, ConfigError
 
     with pytest.raises(ConfigError, match=message):
         STRATEGIES["ita"].options.from_dict({option: value})

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from bench.backbones import MLP, MLPOptions
-from bench.compmetrics import soft_kl
-from strategies.meta import MetaStudent, adapt, adapt_batch
+from clcompose.bench.models.backbones import MLP, MLPOptions
+from clcompose.strategies.meta.learner import MetaStudent, adapt, adapt_batch
+from clcompose.strategies.metrics.compositional import soft_kl
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -70,10 +70,14 @@ def test_inner_loop_and_second_order_meta_gradient_match_autograd_reference(kind
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-6)
     # first order (FOMAML): the inner steps are constants, the query gradient at the adapted point reaches the init
     fo = adapt_batch(student, x, soft, steps, lr, wd, create_graph=False)
-    fo_loss = torch.stack([soft_kl(student({k: v[i] for k, v in fo.items()}, qx[i]), qsoft[i]) for i in range(2)]).mean()
+    fo_loss = torch.stack(
+        [soft_kl(student({k: v[i] for k, v in fo.items()}, qx[i]), qsoft[i]) for i in range(2)]
+    ).mean()
     got_fo = torch.autograd.grad(fo_loss, list(student.fast_init.values()))
     detached = {k: v.detach().requires_grad_(True) for k, v in fo.items()}
-    d_loss = torch.stack([soft_kl(student({k: v[i] for k, v in detached.items()}, qx[i]), qsoft[i]) for i in range(2)]).mean()
+    d_loss = torch.stack(
+        [soft_kl(student({k: v[i] for k, v in detached.items()}, qx[i]), qsoft[i]) for i in range(2)]
+    ).mean()
     want_fo = torch.autograd.grad(d_loss, [detached[k] for k in student.fast_init])
     for g, w in zip(got_fo, want_fo):
         torch.testing.assert_close(g, w.sum(0))
@@ -103,4 +107,6 @@ def test_adapt_reduces_support_loss_and_pads_context():
     before = soft_kl(student(student.init_fast(), x[0]), soft[0])
     f = adapt(student, student.init_fast(), x[0], soft[0], 10, 0.3, 1e-4, create_graph=False)
     assert soft_kl(student(f, x[0]), soft[0]) < before
-    assert student.pad(x[:, :, :3]).shape[-1] == 5 and torch.equal(student.pad(x[:, :, :3])[..., 3:], torch.zeros(2, 30, 2))
+    assert student.pad(x[:, :, :3]).shape[-1] == 5 and torch.equal(
+        student.pad(x[:, :, :3])[..., 3:], torch.zeros(2, 30, 2)
+    )

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bench import metrics as M
+from clcompose.strategies.metrics import continual as M
 
 # rows: after training step i; columns: experience j
 ACC = [

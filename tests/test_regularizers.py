@@ -4,15 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-from strategies import regularizers as R
-from strategies.task_vectors import TaskVectorPool
+from clcompose.strategies.task_vectors import regularizers as R
+from clcompose.strategies.task_vectors.pool import TaskVectorPool
 
 STYLES = ["full", "lora", "ia3"]
 
 
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 4))
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 4)
+    )
 
 
 def pool_with_tasks(style: str, n: int) -> TaskVectorPool:
@@ -79,7 +81,9 @@ def test_iel_objective_is_the_fisher_weighted_scatter():
     got = R.iel_penalty(2.0, {"w": f}, {"w": taus[2]}, [{"w": taus[0]}, {"w": taus[1]}])
     assert float(got) == pytest.approx(explicit, rel=1e-6)
     # first experience convention: (β/4)‖τ‖²_F
-    assert float(R.iel_penalty(2.0, {"w": f}, {"w": taus[0]}, [])) == pytest.approx(0.5 * float((f * taus[0] ** 2).sum()), rel=1e-6)
+    assert float(R.iel_penalty(2.0, {"w": f}, {"w": taus[0]}, [])) == pytest.approx(
+        0.5 * float((f * taus[0] ** 2).sum()), rel=1e-6
+    )
 
 
 def test_lora_chain_rule_is_bt_g_and_g_at():

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from bench import checkpoint
-from bench.run import RunConfig, checkpoint_path_for, run
-from strategies.registry import ConfigError
+from clcompose.bench.runs import checkpoint
+from clcompose.bench.runs.run import checkpoint_path_for, run
+from clcompose.strategies.core.registry import ConfigError
 
 CONFIG = {  # digits + a small CNN: about a second per run on one thread
     "benchmark": "split-digits",
@@ -63,12 +63,16 @@ def test_resume_after_experience_k_is_identical(strategy, k, tmp_path, monkeypat
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
     assert resumed["metrics"] == reference["metrics"]
     diagnostics = (reference.get("strategy_extras") or {}).get("diagnostics")
-    assert (resumed.get("strategy_extras") or {}).get("diagnostics") == diagnostics  # ITA's second-order diagnostics too
+    assert (resumed.get("strategy_extras") or {}).get(
+        "diagnostics"
+    ) == diagnostics  # ITA's second-order diagnostics too
     assert resumed["run_id"] == reference["run_id"] and resumed["config_hash"] == reference["config_hash"]
     assert [r["from_step"] for r in resumed["resumes"]] == [k]
     assert len(resumed["timing"]["steps"]) == 5
     assert not [p.name for p in path.parent.iterdir() if "checkpoint" in p.name]  # removed once the record is written
-    assert sorted(resumed.get("artifacts", [])) == sorted(reference.get("artifacts", []))  # e.g. task vectors, saved again
+    assert sorted(resumed.get("artifacts", [])) == sorted(
+        reference.get("artifacts", [])
+    )  # e.g. task vectors, saved again
 
 
 def test_joint_checkpoint_after_its_single_step(tmp_path, monkeypatch):
@@ -105,13 +109,24 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, monkeypatch):
         run(CONFIG | {"strategy": "naive", "seed": 5}, out=out, progress=False)
 
 
+@pytest.mark.slow
 def test_sigkilled_process_resumes_identically(tmp_path):
     """A real kill -9 of `bench run` between experiences, then the same command again."""
     cfg = CONFIG | {"strategy": "ewc", "train": CONFIG["train"] | {"epochs": 6}}
     _, reference = run(cfg, runs_dir=tmp_path / "reference", progress=False)
     (tmp_path / "run.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     out = tmp_path / "killed" / "record.json"
-    cmd = [sys.executable, "-m", "bench.cli", "run", "--config", str(tmp_path / "run.yaml"), "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clcompose.bench",
+        "run",
+        "--config",
+        str(tmp_path / "run.yaml"),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ckpt = checkpoint_path_for(out)
     deadline = time.monotonic() + 300

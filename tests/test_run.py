@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench.run import RunConfig, run
+from clcompose.bench.runs.run import RunConfig, run
 
 SMALL = {  # digits stream + a small CNN pre-trained on MNIST-5k: seconds on one CPU thread
     "benchmark": "split-digits",
@@ -26,7 +26,9 @@ def small(strategy: str, **extra) -> dict:
 
 
 def test_record_holds_config_seeds_provenance_timings_and_matrix(tmp_path):
-    path, rec = run(small("ewc", seed=3, stream_seed=4, strategy_options={"ewc_lambda": 10}), runs_dir=tmp_path, progress=False)
+    path, rec = run(
+        small("ewc", seed=3, stream_seed=4, strategy_options={"ewc_lambda": 10}), runs_dir=tmp_path, progress=False
+    )
     assert path.is_file() and json.loads(path.read_text()) == rec
     assert path.parent.name == rec["run_id"] and rec["status"] == "complete"
     cfg = rec["config"]
@@ -42,7 +44,7 @@ def test_record_holds_config_seeds_provenance_timings_and_matrix(tmp_path):
     m = rec["accuracy_matrix"]
     assert len(m) == 5 and all(len(r) == 5 for r in m)
     assert all(m[i][j] == 0.0 for i in range(5) for j in range(i + 1, 5))  # unseen classes are never predicted
-    from bench.metrics import summarize
+    from clcompose.strategies.metrics.continual import summarize
 
     assert rec["metrics"] == summarize(m)  # metrics derive from the stored matrix
     assert rec["stream"]["class_order"] and rec["stream"]["train_size"] == 400
@@ -69,7 +71,7 @@ def test_baseline_ordering_on_digits(tmp_path):
 
 
 def test_an_existing_record_is_never_overwritten(tmp_path):
-    from bench.record import RecordExistsError
+    from clcompose.bench.io import RecordExistsError
 
     out = tmp_path / "mine.json"
     out.write_text("precious")
@@ -79,7 +81,7 @@ def test_an_existing_record_is_never_overwritten(tmp_path):
 
 
 def test_run_config_rejects_bad_top_level_values():
-    from strategies.registry import ConfigError
+    from clcompose.strategies.core.registry import ConfigError
 
     with pytest.raises(ConfigError, match="seed"):
         RunConfig.from_dict({"seed": -1})

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from bench.run import run
-from strategies.skills import specialize_coefficients, unlearn_coefficients
+from clcompose.bench.runs.run import run
+from clcompose.strategies.task_vectors.skills import specialize_coefficients, unlearn_coefficients
 from tests.test_ita_iel import config
 
 
@@ -31,7 +31,7 @@ def ita_run(tmp_path_factory):
 
 
 def test_saved_task_vectors_rebuild_the_evaluated_model(ita_run):
-    from bench.skills_cmd import load_run, skills_report
+    from clcompose.bench.cli.skills import load_run, skills_report
 
     run_dir, rec = ita_run
     record, model, batches = load_run(run_dir)
@@ -46,8 +46,8 @@ def test_saved_task_vectors_rebuild_the_evaluated_model(ita_run):
 
 
 def test_skills_command_writes_a_report_and_refuses_to_overwrite(ita_run, capsys):
-    from bench.skills_cmd import cmd_skills
-    from strategies.registry import ConfigError
+    from clcompose.bench.cli.skills import cmd_skills
+    from clcompose.strategies.core.registry import ConfigError
 
     run_dir, _ = ita_run
     out = run_dir / "skills-test.json"
@@ -63,8 +63,8 @@ def test_skills_command_writes_a_report_and_refuses_to_overwrite(ita_run, capsys
 
 
 def test_skills_need_a_task_vector_run(tmp_path):
-    from bench.skills_cmd import load_run
-    from strategies.registry import ConfigError
+    from clcompose.bench.cli.skills import load_run
+    from clcompose.strategies.core.registry import ConfigError
 
     path, _ = run(config("naive") | {"strategy_options": {}}, runs_dir=tmp_path, progress=False)
     with pytest.raises(ConfigError, match="skills need one of"):
@@ -73,15 +73,24 @@ def test_skills_need_a_task_vector_run(tmp_path):
         load_run(tmp_path)
 
 
+@pytest.mark.slow
 def test_skills_is_a_bench_verb(ita_run):
     import subprocess
     import sys
 
     run_dir, _ = ita_run
     out = run_dir / "skills-cli.json"
-    r = subprocess.run([sys.executable, "-m", "bench.cli", "skills", str(run_dir), "--target", "0", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "clcompose.bench", "skills", str(run_dir), "--target", "0", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "specialize" in r.stdout and json.loads(out.read_text())["rows"][0]["target"] == 0
-    r = subprocess.run([sys.executable, "-m", "bench.cli", "skills", str(run_dir), "--weight", "3"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "clcompose.bench", "skills", str(run_dir), "--weight", "3"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.strip().startswith("bench: error: --weight must be in [0, 1]")

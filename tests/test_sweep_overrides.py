@@ -1,11 +1,9 @@
 """Per-strategy training overrides in sweep files."""
 
-from pathlib import Path
-
 import pytest
 
-from bench.sweep import load_sweep
-from strategies.registry import ConfigError
+from clcompose.bench.sweeps.sweep import load_sweep
+from clcompose.strategies.core.registry import ConfigError
 
 SWEEP = """
 name: overrides
@@ -28,9 +26,13 @@ def test_strategy_train_overrides_merge_into_the_global_train(tmp_path):
     for c in sweep.cells:
         by.setdefault(c.config["strategy"], []).append(c.config)
     assert [c["train"] for c in by["naive"]] == [{"epochs": 1, "lr": 0.05}]
-    assert [c["train"] for c in by["ita"]] == [{"epochs": 1, "lr": 0.001, "optimizer": "adamw"},
-                                                {"epochs": 1, "lr": 0.002, "optimizer": "adamw"}]  # fmt: skip
-    assert all("train" not in c["strategy_options"] for c in by["ita"]) and by["ita"][0]["strategy_options"] == {"alpha": 0.5}
+    assert [c["train"] for c in by["ita"]] == [
+        {"epochs": 1, "lr": 0.001, "optimizer": "adamw"},
+        {"epochs": 1, "lr": 0.002, "optimizer": "adamw"},
+    ]
+    assert all("train" not in c["strategy_options"] for c in by["ita"]) and by["ita"][0]["strategy_options"] == {
+        "alpha": 0.5
+    }
 
 
 def test_a_malformed_strategy_train_is_one_line(tmp_path):

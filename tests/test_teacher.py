@@ -7,11 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from bench import compmetrics as C
-from bench.teacher import (HyperTeacher, TeacherSpec, code_matrix, is_compositional, is_connected, layer_codes, make_tasks,
-                           split_pool, task_pool)  # fmt: skip
-from bench.teacher_streams import TeacherOptions, generate, stream_layout
-from strategies.registry import ConfigError
+from clcompose.bench.data.teacher import (
+    HyperTeacher,
+    TeacherSpec,
+    code_matrix,
+    is_compositional,
+    is_connected,
+    layer_codes,
+    make_tasks,
+    split_pool,
+    task_pool,
+)
+from clcompose.bench.data.teacher_streams import TeacherOptions, generate, stream_layout
+from clcompose.strategies.core.registry import ConfigError
+from clcompose.strategies.metrics import compositional as C
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +70,9 @@ def test_pool_sizes_match_the_combinatorics(m, total, random_ood):
     assert len(task_pool(m, 3, 1)) == m + math.comb(m, 2) + math.comb(m, 3)
 
 
-@pytest.mark.parametrize("m,noncomp,connected,disconnected,shared_ood", [(6, 126, 324, 36, 117), (8, 288, 576, 104, 698)])
+@pytest.mark.parametrize(
+    "m,noncomp,connected,disconnected,shared_ood", [(6, 126, 324, 36, 117), (8, 288, 576, 104, 698)]
+)
 def test_reference_splits(m, noncomp, connected, disconnected, shared_ood):
     assert len(split_pool(m, 2, 2, "non_compositional")[1]) == noncomp
     conn, ood_c = split_pool(m, 2, 2, "connected")
@@ -141,10 +152,18 @@ def test_streams_share_task_data_across_streams():
 def test_reference_layout_streams_use_the_reference_supports_untied():
     """layout=reference: the connected/disconnected streams train the reference's supports (M = 6, L = 2: 324 and
     36 combinations, per-layer codes untied) over n_experiences and share the pool of 117 combinations in neither."""
-    from bench.benchmarks import build_benchmark
+    from clcompose.bench.data.benchmarks import build_benchmark
 
-    small = {"n_modules": 6, "generated_layers": 2, "layout": "reference", "n_experiences": 3, "tasks_per_combination": 1,
-             "n_support": 2, "n_query": 2, "n_test": 2}  # fmt: skip
+    small = {
+        "n_modules": 6,
+        "generated_layers": 2,
+        "layout": "reference",
+        "n_experiences": 3,
+        "tasks_per_combination": 1,
+        "n_support": 2,
+        "n_query": 2,
+        "n_test": 2,
+    }
     bms = {s: build_benchmark(f"teacher-{s}", small, 0) for s in ("connected", "disconnected")}
     for stream, n_trained in (("connected", 324), ("disconnected", 36)):
         data = bms[stream].teacher
@@ -173,7 +192,10 @@ def test_r2_is_one_for_z_and_about_zero_for_random_features():
     from sklearn.metrics import r2_score
     from sklearn.preprocessing import StandardScaler
 
-    feats_tr, feats_te = z_tr @ rng.normal(size=(6, 9)) + 0.3 * rng.normal(size=(400, 9)), z_te @ rng.normal(size=(6, 9))
+    feats_tr, feats_te = (
+        z_tr @ rng.normal(size=(6, 9)) + 0.3 * rng.normal(size=(400, 9)),
+        z_te @ rng.normal(size=(6, 9)),
+    )
     z_te_const = z_te.copy()
     z_te_const[:, 2] = 0.5
     sc = StandardScaler().fit(feats_tr)
@@ -201,6 +223,8 @@ def test_small_metrics():
     assert float(C.soft_kl(logits, soft)) == pytest.approx(float((p * (p / q).log()).sum(-1).mean()), rel=1e-6)
     assert float(C.soft_kl(soft.log(), soft)) == pytest.approx(0.0, abs=1e-6)
     assert C.compositional_gap(0.7, 0.5) == pytest.approx(0.2)
-    assert C.composition_gain([0.6, 0.4], [[0.5, 0.55], [0.45, 0.3]]) == pytest.approx(((0.6 - 0.55) + (0.4 - 0.45)) / 2)
+    assert C.composition_gain([0.6, 0.4], [[0.5, 0.55], [0.45, 0.3]]) == pytest.approx(
+        ((0.6 - 0.55) + (0.4 - 0.45)) / 2
+    )
     with pytest.raises(ValueError):
         C.composition_gain([], [])

@@ -3,17 +3,24 @@ one-line errors, and the must-fail controls."""
 
 import pytest
 
-from bench import checkpoint
-from bench.run import run
+from clcompose.bench.runs import checkpoint
+from clcompose.bench.runs.run import run
 
 TINY = {"tasks_per_combination": 2, "n_support": 16, "n_query": 16, "n_test": 16}
 META = {"outer_steps": 3, "meta_batch": 4, "inner_steps": 3, "templates": 6}
 
 
 def _config(benchmark, strategy, **extra):
-    return {"benchmark": benchmark, "backbone": "mlp", "strategy": strategy, "seed": 1, "stream_seed": 2,
-            "benchmark_options": TINY | extra.pop("benchmark_options", {}), "backbone_options": {"hidden": [16]},
-            "train": {"epochs": 1, "batch_size": 16, "optimizer": "adam", "lr": 0.003}} | extra  # fmt: skip
+    return {
+        "benchmark": benchmark,
+        "backbone": "mlp",
+        "strategy": strategy,
+        "seed": 1,
+        "stream_seed": 2,
+        "benchmark_options": TINY | extra.pop("benchmark_options", {}),
+        "backbone_options": {"hidden": [16]},
+        "train": {"epochs": 1, "batch_size": 16, "optimizer": "adam", "lr": 0.003},
+    } | extra
 
 
 class Killed(Exception):
@@ -54,15 +61,21 @@ def test_resumed_meta_learner_run_is_identical(tmp_path, monkeypatch):
     # (NonComp(e)) while modules are unseen; after experience 0 only module 0 is seen, so no pair is inside
     first, middle = reference["step_metrics"][0], reference["step_metrics"][3]
     assert "ood_seen_accuracy" not in first and "ood_unseen_accuracy" not in first
-    assert {"ood_seen_accuracy", "ood_unseen_accuracy"} <= set(middle) and "ood_seen_accuracy" not in reference["step_metrics"][-1]
+    assert {"ood_seen_accuracy", "ood_unseen_accuracy"} <= set(middle) and "ood_seen_accuracy" not in reference[
+        "step_metrics"
+    ][-1]
     # after experience 3 (modules 0–3), 2 of the 8 probe pairs ({0,3}, {1,3}) are inside, with equally many tasks
-    assert middle["ood_accuracy"] == pytest.approx((2 * middle["ood_seen_accuracy"] + 6 * middle["ood_unseen_accuracy"]) / 8, abs=1e-6)
+    assert middle["ood_accuracy"] == pytest.approx(
+        (2 * middle["ood_seen_accuracy"] + 6 * middle["ood_unseen_accuracy"]) / 8, abs=1e-6
+    )
     # and measuring it changes nothing in the run
-    import bench.teacher_streams as streams
+    import clcompose.bench.data.teacher_streams as streams
 
     monkeypatch.setattr(streams, "probe_accuracies", lambda data, strategy, trained: {})
     _, unmeasured = run(cfg, runs_dir=tmp_path / "c", progress=False)
-    assert unmeasured["accuracy_matrix"] == reference["accuracy_matrix"] and unmeasured["metrics"] == reference["metrics"]
+    assert (
+        unmeasured["accuracy_matrix"] == reference["accuracy_matrix"] and unmeasured["metrics"] == reference["metrics"]
+    )
 
 
 def test_plain_strategy_on_the_one_module_stream(tmp_path):
@@ -74,7 +87,9 @@ def test_plain_strategy_on_the_one_module_stream(tmp_path):
     assert not rec["stream"]["connected"] and rec["stream"]["compositional"]
 
 
-@pytest.mark.parametrize("strategy,options", [("task-arithmetic", {"tuning": "full", "layers": "all"}), ("meta-hnet", META)])
+@pytest.mark.parametrize(
+    "strategy,options", [("task-arithmetic", {"tuning": "full", "layers": "all"}), ("meta-hnet", META)]
+)
 def test_composition_gain_of_merged_task_parameters(strategy, options, tmp_path):
     """The one-module stream scores merged task vectors (task arithmetic) and merged fast parameters (the
     hypernetwork) on module pairs: a gain in [−1, 1], recorded next to the pairs' few-shot accuracy."""
@@ -85,11 +100,40 @@ def test_composition_gain_of_merged_task_parameters(strategy, options, tmp_path)
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
-    from bench.cli import main
+    from clcompose.bench.cli.main import main
 
-    for args in (["--benchmark", "split-digits", "--backbone", "mlp", "--strategy", "meta-hnet", "--set", "backbone.in_features=64"],
-                 ["--benchmark", "teacher-connected", "--backbone", "mlp", "--strategy", "meta-anil", "--set", "benchmark.k_hot=1"],
-                 ["--benchmark", "teacher-random", "--backbone", "mlp", "--strategy", "naive", "--set", "benchmark.n_experiences=40"]):  # fmt: skip
+    for args in (
+        [
+            "--benchmark",
+            "split-digits",
+            "--backbone",
+            "mlp",
+            "--strategy",
+            "meta-hnet",
+            "--set",
+            "backbone.in_features=64",
+        ],
+        [
+            "--benchmark",
+            "teacher-connected",
+            "--backbone",
+            "mlp",
+            "--strategy",
+            "meta-anil",
+            "--set",
+            "benchmark.k_hot=1",
+        ],
+        [
+            "--benchmark",
+            "teacher-random",
+            "--backbone",
+            "mlp",
+            "--strategy",
+            "naive",
+            "--set",
+            "benchmark.n_experiences=40",
+        ],
+    ):
         capsys.readouterr()
         assert main(["run", *args, "--quiet", "--runs-dir", str(tmp_path)]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
@@ -103,13 +147,21 @@ CONTROL = {"tasks_per_combination": 4, "n_support": 32, "n_query": 32, "n_test":
 def noncomp_runs(tmp_path_factory):
     out = {}
     for strategy in ("meta-hnet", "meta-anil", "naive"):
-        cfg = _config("teacher-noncomp", strategy, benchmark_options=CONTROL, seed=0, stream_seed=0,
-                      backbone_options={"hidden": [32]}, train={"epochs": 3, "batch_size": 16, "optimizer": "adam", "lr": 0.003},
-                      strategy_options={"outer_steps": 30, "meta_batch": 8} if strategy.startswith("meta") else {})  # fmt: skip
+        cfg = _config(
+            "teacher-noncomp",
+            strategy,
+            benchmark_options=CONTROL,
+            seed=0,
+            stream_seed=0,
+            backbone_options={"hidden": [32]},
+            train={"epochs": 3, "batch_size": 16, "optimizer": "adam", "lr": 0.003},
+            strategy_options={"outer_steps": 30, "meta_batch": 8} if strategy.startswith("meta") else {},
+        )
         out[strategy] = run(cfg, runs_dir=tmp_path_factory.mktemp(strategy), progress=False)[1]["metrics"]
     return out
 
 
+@pytest.mark.slow
 def test_noncompositional_control_stays_near_no_information(noncomp_runs):
     """Must-fail control at this (tiny) scale: on combinations using the never-trained module, what a learner
     gained from the stream (accuracy above the same adaptation from its untrained state) stays within 0.1 for
@@ -129,6 +181,7 @@ def test_noncompositional_control_stays_near_no_information(noncomp_runs):
     assert hnet["noncomp_accuracy"] - hnet["noncomp_noinfo_accuracy"] < ood_gain, hnet
 
 
+@pytest.mark.slow
 def test_disconnected_support_is_clearly_worse_on_cross_combinations(tmp_path):
     """Must-fail control of the reference (its connected vs disconnected supports, M = 6, two generated layers:
     324 vs 36 trained combinations, both scored few-shot on the same 117 combinations in neither): the
@@ -138,13 +191,28 @@ def test_disconnected_support_is_clearly_worse_on_cross_combinations(tmp_path):
     examples/sweep-teacher-control.yaml: 0.307 vs 0.205)."""
     out = {}
     for stream in ("teacher-connected", "teacher-disconnected"):
-        cfg = _config(stream, "meta-hnet", seed=0, stream_seed=0, backbone_options={"hidden": [64, 64]},
-                      benchmark_options={"layout": "reference", "generated_layers": 2, "n_experiences": 1,
-                                         "tasks_per_combination": 1, "n_support": 64, "n_query": 64, "n_test": 64},
-                      strategy_options={"outer_steps": 300, "meta_batch": 16})  # fmt: skip
+        cfg = _config(
+            stream,
+            "meta-hnet",
+            seed=0,
+            stream_seed=0,
+            backbone_options={"hidden": [64, 64]},
+            benchmark_options={
+                "layout": "reference",
+                "generated_layers": 2,
+                "n_experiences": 1,
+                "tasks_per_combination": 1,
+                "n_support": 64,
+                "n_query": 64,
+                "n_test": 64,
+            },
+            strategy_options={"outer_steps": 300, "meta_batch": 16},
+        )
         out[stream] = run(cfg, runs_dir=tmp_path / stream, progress=False)[1]["metrics"]
     conn, disc = out["teacher-connected"], out["teacher-disconnected"]
     assert abs(conn["id_accuracy"] - disc["id_accuracy"]) < 0.05, out  # the same fit of the trained combinations
     assert disc["ood_accuracy"] <= conn["ood_accuracy"] - 0.05, out
-    assert conn["ood_accuracy"] - conn["ood_noinfo_accuracy"] >= 2 * (disc["ood_accuracy"] - disc["ood_noinfo_accuracy"]), out
+    assert conn["ood_accuracy"] - conn["ood_noinfo_accuracy"] >= 2 * (
+        disc["ood_accuracy"] - disc["ood_noinfo_accuracy"]
+    ), out
     assert conn["decode_r2"] > 0.2 > 0 > disc["decode_r2"], out

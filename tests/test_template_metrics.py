@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import entropy
 
-from bench.domains import parse_domain, transform_images
-from strategies import template_metrics as TM
-from strategies.registry import ConfigError
+from clcompose.bench.data.domains import parse_domain, transform_images
+from clcompose.strategies.core.registry import ConfigError
+from clcompose.strategies.metrics import templates as TM
 
 
 def softmax(z):
@@ -68,7 +68,9 @@ def test_parameters_per_task_and_ladder_order():
 def test_domain_transforms_are_exact_and_deterministic():
     rng = np.random.default_rng(0)
     x = rng.random((3, 1, 6, 6)).astype(np.float32)
-    assert np.allclose(transform_images(x, "rot90"), np.rot90(x, 1, axes=(2, 3)), atol=1e-6)  # pixel centres map exactly
+    assert np.allclose(
+        transform_images(x, "rot90"), np.rot90(x, 1, axes=(2, 3)), atol=1e-6
+    )  # pixel centres map exactly
     assert np.allclose(transform_images(x, "rot0"), x, atol=1e-6) and np.array_equal(transform_images(x, "identity"), x)
     assert np.allclose(transform_images(x, "invert"), 1 - x)
     assert np.allclose(transform_images(x, "flip"), x[..., ::-1])

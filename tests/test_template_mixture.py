@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strategies.template_mixture import (
+from clcompose.strategies.templates.network import (
     ProgramNet,
     TaskProgramNet,
     TemplateMixtureNet,
@@ -104,7 +104,9 @@ def test_one_template_is_a_weight_tied_network():
     body.train(), plain.train()
     body(x, torch.ones(o.blocks, 1), body.new_norms()).pow(2).sum().backward()
     plain(x).pow(2).sum().backward()
-    torch.testing.assert_close(body.bank.templates["expand__weight"].grad[0], tied.expand.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        body.bank.templates["expand__weight"].grad[0], tied.expand.weight.grad, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_one_hot_programs_with_n_equal_l_are_an_unshared_network():
@@ -120,8 +122,12 @@ def test_one_hot_programs_with_n_equal_l_are_an_unshared_network():
     body(x, mixture, body.new_norms()).pow(2).sum().backward()
     plain(x).pow(2).sum().backward()
     for depth, k in enumerate(order):
-        torch.testing.assert_close(body.bank.templates["project__weight"].grad[k], plain.blocks[depth].project.weight.grad,
-                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            body.bank.templates["project__weight"].grad[k],
+            plain.blocks[depth].project.weight.grad,
+            rtol=1e-4,
+            atol=1e-5,
+        )
     # the "unshared" sharing option is exactly this network with the identity program
     u = TemplateMixtureNet(TemplateMixtureOptions(sharing="unshared", **OPTS))
     assert u.n_templates == 3 and torch.equal(ProgramNet(u).mixture(), torch.eye(3))
@@ -176,7 +182,9 @@ def test_task_program_net_routes_by_task_label():
 
 
 def test_vector_inputs_run_as_one_by_one_images():
-    body = TemplateMixtureNet(TemplateMixtureOptions(in_channels=5, stem_stride=1, blocks=2, width=4, expansion=2, feature_dim=3))
+    body = TemplateMixtureNet(
+        TemplateMixtureOptions(in_channels=5, stem_stride=1, blocks=2, width=4, expansion=2, feature_dim=3)
+    )
     out = ProgramNet(body)(torch.randn(7, 5))
     assert out.shape == (7, 3) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="input channels"):

@@ -7,23 +7,33 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.run import RunConfig, _Session, run
-from strategies.registry import ConfigError
+from clcompose.bench.runs.run import RunConfig, _Session, run
+from clcompose.strategies.core.registry import ConfigError
 
 TINY = {
     "benchmark": "domains",
     "backbone": "template-mixture",
-    "benchmark_options": {"source": "digits", "domains": ["identity", "rot90", "invert"], "heldout": "rot180",
-                          "per_class": 8, "test_per_class": 8},
+    "benchmark_options": {
+        "source": "digits",
+        "domains": ["identity", "rot90", "invert"],
+        "heldout": "rot180",
+        "per_class": 8,
+        "test_per_class": 8,
+    },
     "backbone_options": {"stem_stride": 2, "blocks": 3, "templates": 2, "width": 4, "expansion": 2, "feature_dim": 8},
     "train": {"epochs": 2, "batch_size": 16, "lr": 0.05},
     "seed": 3,
     "stream_seed": 1,
-}  # fmt: skip
+}
 
 
-FAST_TASK_VECTORS = {"probe_epochs": 2, "align_epochs": 1, "align_epochs_per_task": 1, "fisher_max_examples": 16,
-                     "diagnostics_examples": 20}  # fmt: skip
+FAST_TASK_VECTORS = {
+    "probe_epochs": 2,
+    "align_epochs": 1,
+    "align_epochs_per_task": 1,
+    "fisher_max_examples": 16,
+    "diagnostics_examples": 20,
+}
 
 
 def tiny(strategy: str, **options) -> dict:
@@ -39,7 +49,9 @@ def session(strategy: str, **options) -> _Session:
 def test_domain_stream_has_task_labels_offset_classes_and_a_heldout_domain():
     bm = session("template-program").benchmark
     assert [e.task_label for e in bm.train_stream] == [0, 1, 2]
-    assert [sorted(e.classes_in_this_experience) for e in bm.test_stream] == [list(range(10 * t, 10 * t + 10)) for t in range(3)]
+    assert [sorted(e.classes_in_this_experience) for e in bm.test_stream] == [
+        list(range(10 * t, 10 * t + 10)) for t in range(3)
+    ]
     assert bm.heldout["domain"] == "rot180" and bm.heldout["task_label"] == 3
     assert sorted(bm.heldout["test"].targets.uniques) == list(range(30, 40))
     x0, x2 = bm.test_stream[0].dataset[0][0], bm.test_stream[2].dataset[0][0]
@@ -50,10 +62,22 @@ def test_program_transfer_forgets_nothing_and_leaves_the_body_untouched(tmp_path
     s = session("template-program", ladder=False)
     strategy, body = s.strategy, s.strategy.model.body
     snapshots = []
-    for i, exp in enumerate(s.steps):
+    for exp in s.steps:
         strategy.train(exp, eval_streams=[])
-        task0 = {k: v.clone() for k, v in [*strategy.model.norms["0"].state_dict().items(), *strategy.model.heads["0"].state_dict().items()]}
-        snapshots.append((copy.deepcopy(body.state_dict()), {t: p.detach().clone() for t, p in strategy.current_programs().items()}, task0))
+        task0 = {
+            k: v.clone()
+            for k, v in [
+                *strategy.model.norms["0"].state_dict().items(),
+                *strategy.model.heads["0"].state_dict().items(),
+            ]
+        }
+        snapshots.append(
+            (
+                copy.deepcopy(body.state_dict()),
+                {t: p.detach().clone() for t, p in strategy.current_programs().items()},
+                task0,
+            )
+        )
     first_body, first_programs, first_task0 = snapshots[0]
     assert first_task0 and any("running_mean" in k for k in first_task0)
     for later_body, later_programs, later_task0 in snapshots[1:]:
@@ -68,20 +92,22 @@ def test_program_transfer_forgets_nothing_and_leaves_the_body_untouched(tmp_path
 
 
 def test_ewc_penalty_and_its_fisher_against_explicit_formulas():
-    from strategies.template_strategies import ewc_penalty
+    from clcompose.strategies.templates.ewc import ewc_penalty
 
     torch.manual_seed(0)
     theta = {"a": torch.randn(3, requires_grad=True), "b": torch.randn(2, 2, requires_grad=True)}
     anchors = [{"a": torch.randn(3), "b": torch.randn(2, 2)} for _ in range(2)]
     fishers = [{"a": torch.rand(3), "b": torch.rand(2, 2)} for _ in range(2)]
     value = ewc_penalty(theta, anchors, fishers, 3.0)
-    explicit = 1.5 * sum(float((f[n] * (theta[n].detach() - a[n]) ** 2).sum()) for a, f in zip(anchors, fishers) for n in theta)
+    explicit = 1.5 * sum(
+        float((f[n] * (theta[n].detach() - a[n]) ** 2).sum()) for a, f in zip(anchors, fishers) for n in theta
+    )
     assert float(value.detach()) == pytest.approx(explicit)
     value.backward()
     closed = 3.0 * sum(f["b"] * (theta["b"] - a["b"]) for a, f in zip(anchors, fishers))
     torch.testing.assert_close(theta["b"].grad, closed.detach())
 
-    from strategies.template_strategies import ewc_proximal
+    from clcompose.strategies.templates.ewc import ewc_proximal
 
     lr, prime = 0.05, torch.randn(3)
     new = ewc_proximal(prime, [a["a"] for a in anchors], [f["a"] for f in fishers], 3.0, lr)
@@ -98,7 +124,7 @@ def test_ewc_penalty_and_its_fisher_against_explicit_formulas():
     strategy.adapted_dataset = s.steps[0][0].dataset.train()
     _, again = strategy.shared_fisher(0)
     torch.manual_seed(7)
-    from strategies.template_strategies import _sample
+    from clcompose.strategies.templates.programs import sample_examples as _sample
 
     x, _ = _sample(strategy.adapted_dataset, 5, "cpu")
     net = strategy.model.eval()
@@ -117,21 +143,30 @@ def test_ewc_penalty_and_its_fisher_against_explicit_formulas():
 
 
 def test_recalibrated_statistics_are_the_exact_averages():
-    from strategies.template_mixture import ProgramNet, TemplateMixtureNet, TemplateMixtureOptions, recalibrate_statistics
+    from clcompose.strategies.templates.network import (
+        ProgramNet,
+        TemplateMixtureNet,
+        TemplateMixtureOptions,
+        recalibrate_statistics,
+    )
 
     torch.manual_seed(0)
-    net = ProgramNet(TemplateMixtureNet(TemplateMixtureOptions(blocks=1, width=3, expansion=1, stem_stride=2, feature_dim=2)))
+    net = ProgramNet(
+        TemplateMixtureNet(TemplateMixtureOptions(blocks=1, width=3, expansion=1, stem_stride=2, feature_dim=2))
+    )
     x = torch.rand(40, 1, 8, 8)
     recalibrate_statistics(net.norms, net, torch.split(x, 8))
     stem = net.body.stem(x)  # the first site's input does not depend on any normalisation
     torch.testing.assert_close(net.norms.stem.running_mean, stem.mean(dim=(0, 2, 3)))
-    per_batch_var = torch.stack([b.var(dim=(0, 2, 3)) for b in torch.split(stem, 8)]).mean(0)  # unbiased, as BatchNorm keeps
+    per_batch_var = torch.stack([b.var(dim=(0, 2, 3)) for b in torch.split(stem, 8)]).mean(
+        0
+    )  # unbiased, as BatchNorm keeps
     torch.testing.assert_close(net.norms.stem.running_var, per_batch_var)
     assert net.norms.stem.momentum == 0.1 and not any(p.grad is not None for p in net.parameters())
 
 
 def test_copy_init_picks_the_program_with_the_best_nearest_mean_accuracy():
-    from strategies.template_strategies import most_similar_task, nearest_mean_accuracy
+    from clcompose.strategies.templates.programs import most_similar_task, nearest_mean_accuracy
 
     f = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
     y = torch.tensor([0, 0, 1, 1])
@@ -148,7 +183,7 @@ def test_copy_init_picks_the_program_with_the_best_nearest_mean_accuracy():
     programs = {0: torch.zeros(3, 2), 1: torch.tensor([[9.0, -9.0]] * 3)}
     scores = {}
     for t, p in programs.items():
-        from strategies.template_mixture import mixture_of
+        from clcompose.strategies.templates.network import mixture_of
 
         scores[t] = nearest_mean_accuracy(body(x, mixture_of(p), body.new_norms().train()), yy)
     assert most_similar_task(body, programs, x, yy) == max(sorted(scores), key=lambda t: scores[t])
@@ -171,14 +206,18 @@ def test_template_ita_tunes_only_program_vectors_and_composes_them(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["template-joint", "template-iel", "template-finetune"])
 def test_every_template_strategy_runs_and_reports_its_metrics(strategy, tmp_path):
-    extra = {"backbone_options": TINY["backbone_options"] | {"sharing": "unshared"}} if strategy == "template-finetune" else {}
+    extra = (
+        {"backbone_options": TINY["backbone_options"] | {"sharing": "unshared"}}
+        if strategy == "template-finetune"
+        else {}
+    )
     _, rec = run(tiny(strategy) | extra, runs_dir=tmp_path, progress=False)
     m = rec["metrics"]
     for key in ("ladder_head", "ladder_full", "params_per_task", "shared_params"):
         assert isinstance(m[key], float), key
     if strategy == "template-finetune":  # the unshared network: no programs, no program rung
         assert m["ladder_program"] is None and rec["strategy_extras"]["programs"] is None
-        from strategies.template_mixture import TemplateMixtureNet, TemplateMixtureOptions
+        from clcompose.strategies.templates.network import TemplateMixtureNet, TemplateMixtureOptions
 
         unshared = TemplateMixtureNet(TemplateMixtureOptions(**extra["backbone_options"]))
         assert unshared.n_templates == 3 and m["shared_params"] == sum(p.numel() for p in unshared.parameters())
@@ -217,18 +256,31 @@ def test_resumed_template_runs_are_identical(tmp_path, monkeypatch):
 
 def test_template_strategies_need_the_template_backbone():
     with pytest.raises(ConfigError, match="template-mixture backbone"):
-        _Session.build(RunConfig.from_dict(tiny("template-program") | {"backbone": "small-cnn",
-                       "backbone_options": {"source": "digits", "pretrain_epochs": 1, "input_size": 8}}).resolve())  # fmt: skip
+        _Session.build(
+            RunConfig.from_dict(
+                tiny("template-program")
+                | {
+                    "backbone": "small-cnn",
+                    "backbone_options": {"source": "digits", "pretrain_epochs": 1, "input_size": 8},
+                }
+            ).resolve()
+        )
     with pytest.raises(ConfigError, match="sharing must be 'templates'"):
-        _Session.build(RunConfig.from_dict(tiny("template-ita") | {"backbone_options": TINY["backbone_options"] | {"sharing": "unshared"}}).resolve())
+        _Session.build(
+            RunConfig.from_dict(
+                tiny("template-ita") | {"backbone_options": TINY["backbone_options"] | {"sharing": "unshared"}}
+            ).resolve()
+        )
     with pytest.raises(ConfigError, match="must be 'xi'"):
         RunConfig.from_dict(tiny("template-ita", layers="all")).resolve()
     with pytest.raises(ConfigError, match="heldout must not be one of"):
-        RunConfig.from_dict(tiny("template-program") | {"benchmark_options": {"domains": ["identity", "rot90"], "heldout": "rot90"}}).resolve()
+        RunConfig.from_dict(
+            tiny("template-program") | {"benchmark_options": {"domains": ["identity", "rot90"], "heldout": "rot90"}}
+        ).resolve()
 
 
 def test_sweep_backbone_overrides_per_strategy(tmp_path):
-    from bench.sweep import load_sweep
+    from clcompose.bench.sweeps.sweep import load_sweep
 
     path = tmp_path / "s.yaml"
     path.write_text("""
@@ -243,8 +295,11 @@ train: {epochs: 1}
 """)
     cells = load_sweep(path, runs_dir=tmp_path / "runs").cells
     options = [(c.config["strategy"], c.config["backbone_options"]) for c in cells]
-    assert options == [("template-joint", {"blocks": 2, "sharing": "templates"}), ("template-joint", {"blocks": 2, "sharing": "unshared"}),
-                       ("template-program", {"blocks": 2})]  # fmt: skip
+    assert options == [
+        ("template-joint", {"blocks": 2, "sharing": "templates"}),
+        ("template-joint", {"blocks": 2, "sharing": "unshared"}),
+        ("template-program", {"blocks": 2}),
+    ]
     path.write_text(path.read_text().replace("template-program: {}", "template-program: {backbone: tiny}"))
     with pytest.raises(ConfigError, match="template-program.backbone must be a mapping"):
         load_sweep(path, runs_dir=tmp_path / "runs")
@@ -254,8 +309,9 @@ train: {epochs: 1}
 def test_proximal_ewc_with_the_optimisers_settles_at_the_ewc_optimum(optimizer):
     """Loss ½a(θ − c)² + penalty (λ/2)F(θ − θ*)²: the optimiser's steps with the proximal step after each must
     settle at the penalised optimum (ac + λFθ*)/(a + λF), whatever momentum or Adam's scaling did to the step."""
-    from strategies.common import TrainConfig
-    from strategies.template_strategies import ewc_proximal, optimizer_for, proximal_step_size
+    from clcompose.strategies.core.training import TrainConfig
+    from clcompose.strategies.templates.ewc import ewc_proximal, proximal_step_size
+    from clcompose.strategies.templates.programs import optimizer_for
 
     a, c = torch.tensor([1.0, 4.0, 0.5]), torch.tensor([2.0, -1.0, 3.0])
     lam, fisher, anchor = 2.0, torch.tensor([1.0, 0.5, 4.0]), torch.tensor([0.0, 1.0, -1.0])

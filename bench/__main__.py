@@ -1,0 +1,5 @@
+import sys
+
+from clcompose.bench.cli import main
+
+sys.exit(main())

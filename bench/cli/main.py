@@ -1,0 +1,296 @@
+"""The ``bench`` command line. Heavy libraries are imported inside the verbs, so ``bench --help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from clcompose.strategies.core.registry import ConfigError
+
+SECTION_KEYS = {
+    "benchmark": "benchmark_options",
+    "backbone": "backbone_options",
+    "strategy": "strategy_options",
+    "train": "train",
+}
+
+
+def parse_assignments(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["strategy.ewc_lambda=100", "train.epochs=2"]`` → ``{"strategy_options": {...}, "train": {...}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        if section not in SECTION_KEYS:
+            raise ConfigError(f"--set section must be one of {', '.join(SECTION_KEYS)}, got {section!r}")
+        out.setdefault(SECTION_KEYS[section], {})[name] = value
+    return out
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    from clcompose.bench.io import read_yaml_mapping
+
+    return read_yaml_mapping(Path(path), "config")
+
+
+def run_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    config: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    for key in ("benchmark", "backbone", "strategy", "seed", "stream_seed", "device", "threads"):
+        value = getattr(args, key)
+        if value is not None:
+            config[key] = value
+    shortcuts = {
+        "n_experiences": "benchmark_options",
+        "per_class": "benchmark_options",
+        "test_per_class": "benchmark_options",
+        "data_root": "benchmark_options",
+        "epochs": "train",
+        "batch_size": "train",
+        "lr": "train",
+    }
+    for key, section in shortcuts.items():
+        value = getattr(args, key)
+        if value is not None:
+            config.setdefault(section, {})[key] = value
+    for section, values in parse_assignments(args.set or []).items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from clcompose.bench.runs.run import run
+
+    path, record = run(run_config_from_args(args), out=args.out, runs_dir=args.runs_dir, progress=not args.quiet)
+    m = record["metrics"]
+    forgetting = "n/a" if m["forgetting"] is None else f"{m['forgetting']:.4f}"
+    print(
+        f"{record['run_id']}: final average accuracy {m['final_average_accuracy']:.4f}, forgetting {forgetting}, "
+        f"{record['timing']['total_wall_s']:.1f} s → {path}"
+    )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from clcompose.bench.data.benchmarks import BENCHMARKS
+    from clcompose.bench.models.backbones import BACKBONES
+    from clcompose.strategies.core.registry import STRATEGIES
+
+    for title, registry in (("benchmarks", BENCHMARKS), ("backbones", BACKBONES), ("strategies", STRATEGIES)):
+        print(f"{title}:")
+        for name in registry.names():
+            entry = registry[name]
+            fields = ", ".join(entry.options.field_names()) or "-"
+            print(f"  {name:24s} {entry.summary}\n  {'':24s} options: {fields}")
+    return 0
+
+
+def _report(report) -> int:
+    """Print a sweep report: one line per problem on stderr, the summary on stdout; exit 1 if cells failed."""
+    for line in report.problems():
+        print(f"bench: {line}", file=sys.stderr)
+    print(report.summary())
+    return 0 if report.ok or not report.waited else 1
+
+
+def _load_sweep(args: argparse.Namespace):
+    from clcompose.bench.sweeps.sweep import load_sweep
+
+    sweep = load_sweep(args.file, profile=args.profile, runs_dir=args.runs_dir)
+    if getattr(args, "workers", None) is not None:
+        if args.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+        sweep.profile.workers = args.workers
+    return sweep
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from clcompose.bench.sweeps.launch import launch
+
+    report = launch(
+        _load_sweep(args), kind=args.executor, dry_run=args.dry_run, wait=not args.no_wait, progress=not args.quiet
+    )
+    return 0 if report is None else _report(report)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from clcompose.bench.sweeps import store
+    from clcompose.bench.sweeps.reports import status_table
+
+    sweep = _load_sweep(args)
+    queued = store.squeue_states()
+    states = {c.hash: store.cell_state(c.run_dir, queued) for c in sweep.cells}
+    print(f"sweep {sweep.name} ({sweep.path}), run folders in {sweep.output}")
+    print("\n".join(status_table(sweep, states)))
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from clcompose.bench.report.aggregate import load_results, write_tables
+
+    results = load_results(args.paths)
+    _report_skipped(results)
+    written = write_tables(results, Path(args.out))
+    print(f"{len(results.runs)} records → {len(written)} tables in {args.out}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from clcompose.bench.report.leaderboard import build_leaderboard
+
+    page, results = build_leaderboard(args.paths, Path(args.out), plots=not args.no_plots)
+    _report_skipped(results)
+    print(f"{len(results.runs)} records → {page}")
+    return 0
+
+
+def _report_skipped(results) -> None:
+    if results.skipped:
+        print(f"bench: skipped {len(results.skipped)} unreadable record file(s):", file=sys.stderr)
+        for path, reason in results.skipped:
+            print(f"  {path}: {reason}", file=sys.stderr)
+
+
+def cmd_perf(args: argparse.Namespace) -> int:
+    from clcompose.bench.perf.records import main as perf_main
+
+    return perf_main(records=args.records, help_runs=args.help_runs, keep=args.keep)
+
+
+def cmd_main(args: argparse.Namespace) -> int:
+    from clcompose.bench.report.leaderboard import build_leaderboard
+    from clcompose.bench.sweeps.launch import launch
+
+    sweep = _load_sweep(args)
+    report = launch(sweep, kind="local", progress=not args.quiet)
+    code = _report(report)
+    page, results = build_leaderboard(
+        [str(sweep.path)], Path(args.results), runs_dir=sweep.output, profile=args.profile
+    )
+    _report_skipped(results)
+    print(f"leaderboard of {len(results.runs)} runs → {page}")
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from clcompose.bench.io import REPO_ROOT, resource_dir
+
+    parser = argparse.ArgumentParser(
+        prog="bench", description="Continual-learning benchmark suite (ITA, IEL and baselines)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train one seeded run and write its result record")
+    p.add_argument("--config", help="YAML file with run settings (flags override it)")
+    p.add_argument("--benchmark")
+    p.add_argument("--backbone")
+    p.add_argument("--strategy")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stream-seed", type=int, dest="stream_seed", help="class order and subsample seed")
+    p.add_argument("--n-experiences", type=int, dest="n_experiences")
+    p.add_argument("--per-class", type=int, dest="per_class", help="training images kept per class")
+    p.add_argument("--test-per-class", type=int, dest="test_per_class")
+    p.add_argument("--data-root", dest="data_root")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="any option: benchmark.*, backbone.*, strategy.*, train.* (repeatable)",
+    )
+    p.add_argument("--out", help="record path (default: RUNS_DIR/<run id>/record.json); never overwritten")
+    p.add_argument("--runs-dir", default="runs", dest="runs_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("list", help="list benchmarks, backbones and strategies with their options")
+    p.set_defaults(func=cmd_list)
+
+    from clcompose.bench.cli.skills import add_parser as add_skills_parser  # light module: argparse only at import
+
+    add_skills_parser(sub)
+
+    def sweep_args(p: argparse.ArgumentParser, file_default: str | None = None) -> None:
+        if file_default is None:
+            p.add_argument("file", help="sweep YAML file (see examples/)")
+        else:
+            p.add_argument(
+                "--sweep", dest="file", default=file_default, help=f"sweep YAML file (default {file_default})"
+            )
+        p.add_argument(
+            "--profile",
+            help="cluster profile: a name under slurm/profiles/ or a YAML path (overrides the file's cluster)",
+        )
+        p.add_argument("--runs-dir", dest="runs_dir", help="where the run folders go (overrides the file's output)")
+
+    p = sub.add_parser(
+        "sweep", help="run a sweep's missing cells (local processes, in-process debug, or SLURM job arrays)"
+    )
+    sweep_args(p)
+    p.add_argument("--executor", choices=("local", "debug", "slurm"), help="default: the profile's executor")
+    p.add_argument("--workers", type=int, help="local executor: parallel worker processes (default: the profile's)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        dest="dry_run",
+        help="print the cells and the sbatch parameters; submit nothing",
+    )
+    p.add_argument(
+        "--no-wait", action="store_true", dest="no_wait", help="submit and return (follow with `bench status`)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("status", help="show done / running / failed / missing per cell of a sweep")
+    sweep_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("aggregate", help="read result records and write per-benchmark tables (CSV, Markdown, LaTeX)")
+    p.add_argument("paths", nargs="+", help="run folders to search for record.json, record files, or sweep YAML files")
+    p.add_argument("--out", default="results", help="output folder (tables go to OUT/tables; default results)")
+    p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser(
+        "leaderboard", help="tables, plots and the leaderboard page OUT/README.md, regenerated from records"
+    )
+    p.add_argument("paths", nargs="+", help="run folders, record files, or sweep YAML files")
+    p.add_argument("--out", default="results", help="output folder (default results)")
+    p.add_argument("--no-plots", action="store_true", dest="no_plots")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("perf", help="measure aggregation of synthetic records and `bench --help` latency")
+    p.add_argument("--records", type=int, default=10_000)
+    p.add_argument("--help-runs", type=int, default=5, dest="help_runs")
+    p.add_argument("--keep", help="keep the synthetic records in this folder")
+    p.set_defaults(func=cmd_perf)
+
+    p = sub.add_parser("main", help="the main job: run examples/default.yaml locally, then regenerate results/")
+    sweep_args(p, file_default=str(resource_dir("examples") / "default.yaml"))
+    p.add_argument("--results", default=str((REPO_ROOT or Path.cwd()) / "results"), help="leaderboard folder")
+    p.add_argument("--workers", type=int, help="parallel worker processes (default: the profile's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

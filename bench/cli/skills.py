@@ -1,0 +1,122 @@
+"""``bench skills RUN_DIR``: unlearning and specialisation over a finished run's saved task vectors."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clcompose.strategies.core.registry import ConfigError
+
+TASK_VECTOR_STRATEGIES = ("ita", "iel", "task-arithmetic")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "skills",
+        help="unlearn / specialise a finished ITA, IEL or task-arithmetic run by re-weighting its task vectors",
+    )
+    p.add_argument("run_dir", help="the run's folder (holds record.json and task_vectors.safetensors)")
+    p.add_argument("--target", type=int, action="append", help="experience(s) to edit (default: every experience)")
+    p.add_argument(
+        "--weight", type=float, default=1.0, help="specialisation weight w of the target (default 1: θ0 + τ_target)"
+    )
+    p.add_argument("--out", help="report path (default: RUN_DIR/skills.json); never overwritten")
+    p.set_defaults(func=cmd_skills)
+
+
+def load_run(run_dir: Path):
+    """Rebuild a finished run's composed model (θ0 from its backbone config + saved task vectors) and its test stream."""
+    import torch
+
+    from clcompose.bench.data.benchmarks import build_benchmark
+    from clcompose.bench.models.backbones import build_backbone
+    from clcompose.bench.runs.config import RunConfig
+    from clcompose.bench.runs.record import read_record
+    from clcompose.strategies.task_vectors.composable import ComposableNet
+    from clcompose.strategies.task_vectors.options import layer_selection
+    from clcompose.strategies.task_vectors.skills import load_task_vectors
+
+    record_path = run_dir / "record.json"
+    if not record_path.is_file():
+        raise ConfigError(f"{run_dir} holds no record.json; pass a finished run's folder")
+    record = read_record(record_path)
+    strategy = record["config"]["strategy"]
+    if strategy not in TASK_VECTOR_STRATEGIES:
+        raise ConfigError(
+            f"run {record['run_id']} used strategy {strategy!r}; skills need one of {', '.join(TASK_VECTOR_STRATEGIES)}"
+        )
+    vectors = run_dir / "task_vectors.safetensors"
+    if not vectors.is_file():
+        raise ConfigError(f"{vectors} is missing; the run did not save its task vectors")
+    cfg = RunConfig.from_dict(record["config"])
+    resolved = cfg.resolve()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    bm = build_benchmark(cfg.benchmark, resolved.benchmark, cfg.stream_seed)
+    backbone = build_backbone(cfg.backbone, resolved.backbone)
+    opts = resolved.strategy
+    model = ComposableNet(
+        backbone,
+        backbone.out_features,
+        opts.tuning,
+        opts.rank,
+        layer_selection(opts.layers),
+        "composed" if strategy == "iel" else "individual",
+    )
+    try:
+        load_task_vectors(model, vectors)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"{vectors} does not match the run's model: {exc}") from None
+    model.eval()
+    batches = []
+    for exp in bm.test_stream:
+        loader = torch.utils.data.DataLoader(exp.dataset, batch_size=512)
+        for x, y, *_ in loader:
+            batches.append((exp.current_experience, x, y))
+    return record, model, batches
+
+
+def skills_report(model, batches, targets: list[int], weight: float) -> list[dict]:
+    """For each target: accuracy of the run's composition, of unlearning (drop / negate) and of specialisation."""
+    from clcompose.strategies.task_vectors.skills import edit_accuracy, specialize_coefficients, unlearn_coefficients
+
+    base = model.composed_coefficients()
+    rows = []
+    for k in targets:
+        edits = {
+            "composed": base,
+            "unlearn_drop": unlearn_coefficients(base, k, "drop"),
+            "unlearn_negate": unlearn_coefficients(base, k, "negate"),
+            "specialize": specialize_coefficients(base, k, weight),
+        }
+        for name, coeffs in edits.items():
+            acc = edit_accuracy(model, coeffs, batches, k)
+            rows.append({"target": k, "edit": name, "coefficients": [round(c, 6) for c in coeffs]} | acc)
+    return rows
+
+
+def cmd_skills(args: argparse.Namespace) -> int:
+    from clcompose.bench.io import utc_now, write_json_atomic
+
+    run_dir = Path(args.run_dir)
+    if not 0.0 <= args.weight <= 1.0:
+        raise ConfigError(f"--weight must be in [0, 1], got {args.weight}")
+    out = Path(args.out) if args.out else run_dir / "skills.json"
+    if out.exists():
+        raise ConfigError(f"{out} already exists; reports are never overwritten (choose another --out)")
+    record, model, batches = load_run(run_dir)
+    t = model.pool.num_tasks
+    targets = args.target if args.target else list(range(t))
+    bad = [k for k in targets if not 0 <= k < t]
+    if bad:
+        raise ConfigError(f"target experience(s) {bad} not in the run (0..{t - 1})")
+    rows = skills_report(model, batches, targets, args.weight)
+    write_json_atomic(out, {"run_id": record["run_id"], "created": utc_now(), "weight": args.weight, "rows": rows})
+    print(f"{'target':>6} {'edit':16} {'acc target':>10} {'acc rest':>9} {'target (own classes)':>21}")
+    for r in rows:
+        rest = "n/a" if r["acc_rest"] is None else f"{r['acc_rest']:.4f}"
+        print(
+            f"{r['target']:>6} {r['edit']:16} {r['acc_target']:>10.4f} {rest:>9} {r['acc_target_own_classes']:>21.4f}"
+        )
+    print(f"→ {out}")
+    return 0

@@ -1,0 +1,230 @@
+"""Sweeps: benchmarks × backbones × strategies (with small grids) × seeds, expanded into cells.
+
+A sweep file is YAML::
+
+    name: digits                     # optional (default: the file name)
+    output: runs/digits              # optional (default: runs/<name>); relative to the working directory
+    cluster: local                   # a profile under slurm/profiles/ (or a path); --profile overrides it
+    seeds: [0, 1, 2]                 # or a count: 3
+    stream_seed: seed                # class order per seed (default) or one fixed integer for every run
+    benchmarks: {split-digits: {n_experiences: 5, per_class: 40}}
+    backbones: {small-cnn: {source: digits, pretrain_epochs: 1}}
+    strategies:                      # a mapping name → options, or a list of names
+      naive: {}
+      ewc: {ewc_lambda: {grid: [10, 100]}}     # {grid: [...]} makes a value an axis of the sweep
+      ita: {alpha: 0.1, train: {optimizer: adamw, lr: 0.001}}   # per-strategy training (and `backbone:`) overrides
+    train: {epochs: 2, lr: 0.05}
+
+Each cell is one :class:`~bench.run.RunConfig`; its identity is the content hash of the fully resolved config
+(:func:`bench.run.config_hash`), and its run folder ``<output>/<run id>`` is named from that hash, so the same
+run is never done twice, whichever sweep, executor or ``bench run`` asks for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+from typing import Any
+
+from clcompose.bench.io import read_yaml_mapping
+from clcompose.strategies.core.registry import ConfigError
+
+SWEEP_KEYS = (
+    "name",
+    "description",
+    "output",
+    "cluster",
+    "seeds",
+    "stream_seed",
+    "benchmarks",
+    "backbones",
+    "strategies",
+    "train",
+)
+AXES = (("benchmarks", "benchmark"), ("backbones", "backbone"), ("strategies", "strategy"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of a sweep: the config to run, its content hash and its run folder."""
+
+    config: dict[str, Any]  # RunConfig.from_dict input
+    hash: str  # config_hash of the resolved config
+    run_id: str
+    run_dir: Path
+    label: str  # e.g. "split-digits small-cnn ewc ewc_lambda=10 s0"
+
+    @property
+    def record_path(self) -> Path:
+        return self.run_dir / "record.json"
+
+
+@dataclasses.dataclass
+class Sweep:
+    """A validated sweep file, expanded for one cluster profile."""
+
+    name: str
+    path: Path
+    output: Path
+    profile: Any  # bench.profiles.ClusterProfile
+    profile_path: Path
+    cells: list[Cell]
+
+
+def _seeds(value: Any, where: str) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ConfigError(f"{where}: seeds must be a positive count or a list of seeds, got {value}")
+        return list(range(value))
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: seeds must be a positive count or a non-empty list of seeds, got {value!r}")
+    for s in value:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"{where}: seeds must be non-negative integers, got {s!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: seeds has duplicates: {value}")
+    return list(value)
+
+
+def _axis(data: dict[str, Any], key: str, where: str) -> list[tuple[str, dict[str, Any]]]:
+    """``{name: options}`` or ``[name, ...]`` → ``[(name, options)]``."""
+    value = data.get(key)
+    if value is None:
+        raise ConfigError(f"{where}: {key} is missing (a mapping of names to options, or a list of names)")
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {key} must list names (strings), got {value!r}")
+        value = {v: {} for v in value}
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{where}: {key} must be a non-empty mapping of names to options, got {value!r}")
+    out = []
+    for name, options in value.items():
+        options = {} if options is None else options
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}: {key}.{name} must be a mapping of options, got {options!r}")
+        out.append((str(name), options))
+    return out
+
+
+def grid(options: dict[str, Any], where: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Expand ``{key: {grid: [a, b]}}`` values: ``[(options, {key: a}), (options, {key: b})]`` (varied keys second)."""
+    fixed, axes = {}, {}
+    for key, value in options.items():
+        if isinstance(value, dict) and set(value) == {"grid"}:
+            values = value["grid"]
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}.{key}: grid must be a non-empty list, got {values!r}")
+            axes[key] = values
+        else:
+            fixed[key] = value
+    combos = []
+    for values in itertools.product(*axes.values()):
+        varied = dict(zip(axes, values))
+        combos.append((fixed | varied, varied))
+    return combos
+
+
+def _resolve(config: dict[str, Any], where: str, label: str):
+    from clcompose.bench.runs.config import RunConfig
+
+    try:
+        return RunConfig.from_dict(config).resolve()
+    except ConfigError as exc:
+        message = str(exc)
+        lists = [
+            k
+            for section in ("benchmark_options", "backbone_options", "strategy_options", "train")
+            for k, v in config[section].items()
+            if isinstance(v, list) and k in message
+        ]
+        hint = f" (for a sweep over values write {lists[0]}: {{grid: [...]}})" if lists else ""
+        raise ConfigError(f"{where}: {label}: {message}{hint}") from None
+
+
+def expand(data: dict[str, Any], profile: Any, output: Path, where: str) -> list[Cell]:
+    """All cells of a parsed sweep file, in a stable order (benchmark, backbone, seed, strategy, grid)."""
+    from clcompose.bench.runs.config import config_hash
+
+    seeds = _seeds(data.get("seeds"), where)
+    stream_seed = data.get("stream_seed", "seed")
+    if stream_seed != "seed" and (isinstance(stream_seed, bool) or not isinstance(stream_seed, int) or stream_seed < 0):
+        raise ConfigError(f"{where}: stream_seed must be 'seed' or a non-negative integer, got {stream_seed!r}")
+    axes = {key: _axis(data, key, where) for key, _ in AXES}
+    train = data.get("train") or {}
+    if not isinstance(train, dict):
+        raise ConfigError(f"{where}: train must be a mapping of training options, got {train!r}")
+
+    cells: list[Cell] = []
+    seen: dict[str, str] = {}
+    for (bench_name, bench_opts), (bb_name, bb_opts) in itertools.product(axes["benchmarks"], axes["backbones"]):
+        for seed, (strat_name, strat_opts) in itertools.product(seeds, axes["strategies"]):
+            strat_opts = dict(strat_opts)
+            strat_train = strat_opts.pop("train", None) or {}
+            if not isinstance(strat_train, dict):
+                raise ConfigError(
+                    f"{where}: strategies.{strat_name}.train must be a mapping of training options, got {strat_train!r}"
+                )
+            strat_backbone = strat_opts.pop("backbone", None) or {}
+            if not isinstance(strat_backbone, dict):
+                raise ConfigError(
+                    f"{where}: strategies.{strat_name}.backbone must be a mapping of backbone options, got {strat_backbone!r}"
+                )
+            for (bo, bv), (ko, kv), (so, sv), (to, tv) in itertools.product(
+                grid(bench_opts, f"{where}: benchmarks.{bench_name}"),
+                grid(bb_opts | strat_backbone, f"{where}: backbones.{bb_name}"),
+                grid(strat_opts, f"{where}: strategies.{strat_name}"),
+                grid(train | strat_train, f"{where}: train"),
+            ):
+                varied = " ".join(f"{k}={v}" for k, v in (bv | kv | sv | tv).items())
+                label = " ".join(filter(None, [bench_name, bb_name, strat_name, varied, f"s{seed}"]))
+                config = {
+                    "benchmark": bench_name,
+                    "backbone": bb_name,
+                    "strategy": strat_name,
+                    "seed": seed,
+                    "stream_seed": seed if stream_seed == "seed" else stream_seed,
+                    "benchmark_options": dict(bo),
+                    "backbone_options": dict(ko),
+                    "strategy_options": dict(so),
+                    "train": dict(to),
+                    "device": profile.device,
+                    "threads": profile.threads,
+                }
+                resolved = _resolve(config, where, label)
+                digest = config_hash(resolved.to_dict())
+                if digest in seen:
+                    raise ConfigError(
+                        f"{where}: cells {seen[digest]!r} and {label!r} are the same run (duplicate grid values?)"
+                    )
+                seen[digest] = label
+                run_id = resolved.run_id()
+                cells.append(Cell(config, digest, run_id, output / run_id, label))
+    return cells
+
+
+def load_sweep(path: str | Path, profile: str | None = None, runs_dir: str | Path | None = None) -> Sweep:
+    """Read, validate and expand a sweep file (``profile`` and ``runs_dir`` override its cluster and output)."""
+    from clcompose.bench.sweeps.profiles import load_profile
+
+    path = Path(path)
+    data = read_yaml_mapping(path, "sweep")
+    where = str(path)
+    unknown = sorted(set(data) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SWEEP_KEYS)}")
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise ConfigError(f"{where}: name must be a non-empty string without '/', got {name!r}")
+    cluster = profile or data.get("cluster", "local")
+    if not isinstance(cluster, str):
+        raise ConfigError(f"{where}: cluster must name a profile, got {cluster!r}")
+    prof, prof_path = load_profile(cluster, relative_to=path.parent)
+    output = runs_dir if runs_dir is not None else data.get("output", f"runs/{name}")
+    if not isinstance(output, (str, Path)) or not str(output).strip():
+        raise ConfigError(f"{where}: output must be a folder path, got {output!r}")
+    output = Path(output).expanduser().absolute()
+    cells = expand(data, prof, output, where)
+    return Sweep(name=name, path=path, output=output, profile=prof, profile_path=prof_path, cells=cells)
