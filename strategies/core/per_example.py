@@ -1,0 +1,142 @@
+"""Per-example squared weight gradients of Linear and Conv2d layers at the cost of batched backward passes.
+
+For a layer with input activations a and output gradients δ of one example, the weight gradient is
+g = Σ_positions δ aᵀ (positions: tokens of a Linear on (B, T, d) inputs, pixels of a convolution, none for a
+plain (B, d) input). Forward hooks keep a and the layer outputs; ``torch.autograd.grad`` of a *batch* loss with
+respect to those outputs gives every example's δ at once (examples do not interact: BatchNorm in eval mode), and
+one batched product per layer gives Σ_b g_b², without a per-example backward pass:
+
+- Linear, (B, d) input:       Σ_b g_b² = (δ²)ᵀ (a²)                          (one matmul)
+- Linear, (B, T, d) input:    g_b = δ_bᵀ a_b per example, squared, summed     (einsum over tokens)
+- Conv2d (any groups):        g_b = δ_b U_bᵀ with U = unfold(a), per group   (einsum over pixels)
+
+The diagonal true Fisher E_x Σ_c p_c (∂ log p_c/∂W)² then takes one backward pass per class (``exact``: the
+square-root-probability trick, loss_c = Σ_b √p_bc log p_bc with p detached, whose per-example gradient squared
+is p_bc (∇ log p_bc)²), per kept class (``topk``) or per drawn label (``sampled``) — the same estimators as
+:func:`clcompose.strategies.core.fisher.fisher_sum`, which computes them with ``torch.func.vmap`` per example and
+stays the reference implementation in the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UnsupportedLayer(TypeError):
+    """A targeted layer that the batched formulas do not cover (the caller falls back to per-example vmap)."""
+
+
+def supported(module: nn.Module) -> bool:
+    """Linear layers, and Conv2d layers with zero padding (also TF-style static 'same' padding modules)."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        static = getattr(module, "static_padding", None)
+        dynamic = type(module).forward is not nn.Conv2d.forward and static is None
+        return module.padding_mode == "zeros" and not dynamic and module.padding != "same"
+    return False
+
+
+def _conv_input(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    static = getattr(module, "static_padding", None)  # efficientnet's Conv2dStaticSamePadding pads before conv2d
+    return static(a) if static is not None else a
+
+
+def _squared_grads(module: nn.Module, a: torch.Tensor, delta: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Σ_b g_b² of the weight of ``module`` from its inputs ``a`` and output gradients ``delta`` (one batch)."""
+    if isinstance(module, nn.Linear):
+        if a.dim() == 2:
+            return delta.pow(2).T @ a.pow(2)
+        a, delta = a.flatten(1, -2), delta.flatten(1, -2)
+        total = a.new_zeros(module.weight.shape)
+        for i in range(0, a.shape[0], chunk):
+            total += torch.einsum("bto,bti->boi", delta[i : i + chunk], a[i : i + chunk]).pow(2).sum(0)
+        return total
+    a = _conv_input(module, a)
+    groups, weight = module.groups, module.weight
+    out_ch, in_per_group, kh, kw = weight.shape
+    total = a.new_zeros(weight.shape)
+    for i in range(0, a.shape[0], chunk):
+        u = F.unfold(a[i : i + chunk], (kh, kw), dilation=module.dilation, padding=module.padding, stride=module.stride)
+        b, _, positions = u.shape
+        d = delta[i : i + chunk].reshape(b, groups, out_ch // groups, -1)
+        if d.shape[-1] != positions:
+            raise UnsupportedLayer(f"{type(module).__name__}: unfolded input does not match its output")
+        u = u.reshape(b, groups, in_per_group * kh * kw, positions)
+        g = torch.einsum("bgol,bgil->bgoi", d, u).reshape(b, *weight.shape)
+        total += g.pow(2).sum(0)
+    return total
+
+
+def layer_fisher_sum(
+    log_prob: Callable[[torch.Tensor], torch.Tensor],
+    modules: Mapping[str, nn.Module],
+    inputs: Iterable[torch.Tensor],
+    mode: str = "exact",
+    k: int = 3,
+    samples: int = 1,
+    chunk: int = 64,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Σ over examples of Σ_c p_c (∇_W log p_c)² for the weight of every module in ``modules`` (name → module;
+    names as the caller keys the result, e.g. ``"net.fc.weight"``), and the example count.
+
+    ``log_prob(x)`` maps a batch (B, ...) to log-probabilities (B, C) of the classes in play, through the
+    modules; it must treat examples independently. ``mode``: ``exact`` (all classes), ``topk`` (the ``k`` most
+    probable classes per example, weighted by p), ``sampled`` (``samples`` labels per example drawn from p with
+    ``generator``, weight 1/samples). ``chunk`` bounds the examples whose per-example gradients are held at once.
+    """
+    for name, module in modules.items():
+        if not supported(module):
+            raise UnsupportedLayer(f"{name}: {type(module).__name__} is not a plain Linear/Conv2d layer")
+    names = list(modules)
+    total = {n: torch.zeros_like(modules[n].weight, dtype=torch.float32) for n in names}
+    count = 0
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name):
+        def keep(module, args, output):
+            captured[name] = (args[0].detach(), output)
+
+        return keep
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        for batch in inputs:
+            captured.clear()
+            with torch.enable_grad():
+                x = batch.detach().requires_grad_(True)  # a graph through frozen layers, without weight gradients
+                logp = log_prob(x)
+                p = logp.detach().exp()
+                losses = _losses(logp, p, mode, k, samples, generator)
+                outputs = [captured[n][1] for n in names]
+                for j, loss in enumerate(losses):
+                    deltas = torch.autograd.grad(loss, outputs, retain_graph=j < len(losses) - 1)
+                    for n, delta in zip(names, deltas):
+                        total[n] += _squared_grads(modules[n], captured[n][0], delta.detach(), chunk)
+            count += int(batch.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+        captured.clear()
+    return total, count
+
+
+def _losses(logp: torch.Tensor, p: torch.Tensor, mode: str, k: int, samples: int, generator) -> list[torch.Tensor]:
+    """One batch loss per backward pass; each example's gradient in loss j is w_bj ∇ log p(y_bj | x_b) with w_bj²
+    its estimator weight (p for exact and top-k, 1/samples for sampled labels)."""
+    rows = torch.arange(logp.shape[0], device=logp.device)
+    if mode == "exact":
+        return [(p[:, c].sqrt() * logp[:, c]).sum() for c in range(logp.shape[1])]
+    if mode == "topk":
+        top_p, top_i = p.topk(min(k, p.shape[1]), dim=1)
+        return [(top_p[:, j].sqrt() * logp[rows, top_i[:, j]]).sum() for j in range(top_i.shape[1])]
+    if mode == "sampled":
+        labels = torch.multinomial(p.cpu(), samples, replacement=True, generator=generator).to(logp.device)
+        weight = (1.0 / samples) ** 0.5
+        return [weight * logp[rows, labels[:, j]].sum() for j in range(samples)]
+    raise ValueError(f"unknown Fisher mode {mode!r}; valid: exact, topk, sampled")
