@@ -126,3 +126,17 @@ def test_unsupported_layers_are_refused():
 
     with pytest.raises(UnsupportedLayer):
         layer_fisher_sum(lambda x: x, {"odd.weight": Odd(2, 2, 3)}, [torch.zeros(1, 2, 4, 4)])
+
+
+@pytest.mark.parametrize("positions", [1, 2, 3, 7])
+def test_both_routes_of_the_sum_of_squares_agree_with_explicit_per_example_gradients(positions):
+    from clcompose.strategies.core.per_example import _sum_of_squares
+
+    torch.manual_seed(positions)
+    d, u = torch.randn(5, 40, positions, dtype=torch.float64), torch.randn(5, 30, positions, dtype=torch.float64)
+    explicit = sum((d[b] @ u[b].T).pow(2) for b in range(5))
+    assert torch.allclose(_sum_of_squares(d, u, chunk=2), explicit, rtol=1e-12, atol=1e-12)
+    wide = torch.randn(5, 2, positions, dtype=torch.float64)  # few outputs: the per-example route
+    assert torch.allclose(
+        _sum_of_squares(wide, u, chunk=2), sum((wide[b] @ u[b].T).pow(2) for b in range(5)), rtol=1e-12
+    )

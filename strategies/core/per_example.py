@@ -46,30 +46,48 @@ def _conv_input(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return static(a) if static is not None else a
 
 
+def _sum_of_squares(d: torch.Tensor, u: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Σ_b (Σ_l d_bl u_blᵀ)², elementwise, for output gradients d (B, O, L) and inputs u (B, I, L) over L positions.
+
+    Two exact routes, whichever moves less memory: per-example gradients g_b = d_b u_bᵀ (B·O·I numbers, in chunks),
+    or, when positions are few, the expanded square Σ_b Σ_{l,m} (d_bl ⊙ d_bm)(u_bl ⊙ u_bm)ᵀ as one matmul over
+    B·L² rows, which never forms a per-example gradient (L = 1 is the plain (δ²)ᵀ(a²) of a dense layer).
+    """
+    b, o, positions = d.shape
+    i = u.shape[1]
+    if positions * positions * (o + i) <= o * i:
+        dd = (d.unsqueeze(3) * d.unsqueeze(2)).permute(1, 0, 2, 3).reshape(o, -1)
+        uu = (u.unsqueeze(3) * u.unsqueeze(2)).permute(1, 0, 2, 3).reshape(i, -1)
+        return dd @ uu.T
+    total = d.new_zeros(o, i)
+    for s in range(0, b, chunk):
+        total += torch.bmm(d[s : s + chunk], u[s : s + chunk].transpose(1, 2)).pow(2).sum(0)
+    return total
+
+
 def _squared_grads(module: nn.Module, a: torch.Tensor, delta: torch.Tensor, chunk: int) -> torch.Tensor:
     """Σ_b g_b² of the weight of ``module`` from its inputs ``a`` and output gradients ``delta`` (one batch)."""
     if isinstance(module, nn.Linear):
         if a.dim() == 2:
             return delta.pow(2).T @ a.pow(2)
-        a, delta = a.flatten(1, -2), delta.flatten(1, -2)
-        total = a.new_zeros(module.weight.shape)
-        for i in range(0, a.shape[0], chunk):
-            total += torch.einsum("bto,bti->boi", delta[i : i + chunk], a[i : i + chunk]).pow(2).sum(0)
-        return total
+        a, delta = a.flatten(1, -2), delta.flatten(1, -2)  # (B, T, ·): tokens are the positions
+        return _sum_of_squares(delta.transpose(1, 2), a.transpose(1, 2), chunk)
     a = _conv_input(module, a)
     groups, weight = module.groups, module.weight
     out_ch, in_per_group, kh, kw = weight.shape
-    total = a.new_zeros(weight.shape)
-    for i in range(0, a.shape[0], chunk):
-        u = F.unfold(a[i : i + chunk], (kh, kw), dilation=module.dilation, padding=module.padding, stride=module.stride)
-        b, _, positions = u.shape
-        d = delta[i : i + chunk].reshape(b, groups, out_ch // groups, -1)
-        if d.shape[-1] != positions:
-            raise UnsupportedLayer(f"{type(module).__name__}: unfolded input does not match its output")
-        u = u.reshape(b, groups, in_per_group * kh * kw, positions)
-        g = torch.einsum("bgol,bgil->bgoi", d, u).reshape(b, *weight.shape)
-        total += g.pow(2).sum(0)
-    return total
+    u = F.unfold(a, (kh, kw), dilation=module.dilation, padding=module.padding, stride=module.stride)
+    b, _, positions = u.shape
+    d = delta.reshape(b, out_ch, -1)
+    if d.shape[-1] != positions:
+        raise UnsupportedLayer(f"{type(module).__name__}: unfolded input does not match its output")
+    if groups == 1:
+        return _sum_of_squares(d, u, chunk).reshape(weight.shape)
+    d = d.reshape(b, groups, out_ch // groups, positions)
+    u = u.reshape(b, groups, in_per_group * kh * kw, positions)
+    total = a.new_zeros(groups, out_ch // groups, in_per_group * kh * kw)
+    for s in range(0, b, chunk):
+        total += torch.einsum("bgol,bgil->bgoi", d[s : s + chunk], u[s : s + chunk]).pow(2).sum(0)
+    return total.reshape(weight.shape)
 
 
 def layer_fisher_sum(
