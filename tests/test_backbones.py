@@ -82,12 +82,46 @@ def test_tiny_random_vit_through_the_timm_code_path():
     assert model.net.blocks[0].attn.qkv.weight.grad is not None
 
 
-def test_vit_pretrained_offline_is_a_clear_error():
-    with pytest.raises(ConfigError, match="hub"):
-        build_backbone(
-            "vit-b16",
-            {"pretrained": True, "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 24, "num_heads": 2},
-        )
+TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 24, "num_heads": 2}
+
+
+def test_vit_pretrained_offline_is_one_clear_line_within_a_second(monkeypatch):
+    import time
+
+    for offline in ("1", ""):  # HF_HUB_OFFLINE, and a node without a route to the hub
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        if not offline:
+            monkeypatch.setattr("socket.create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("no route")))
+        t = time.perf_counter()
+        with pytest.raises(ConfigError, match="backbone.checkpoint=PATH") as err:
+            build_backbone("vit-b16", {"pretrained": True, **TINY_VIT})
+        assert time.perf_counter() - t < 1.0
+        assert "\n" not in str(err.value) and "unreachable" in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_vit_loads_a_local_checkpoint(tmp_path, suffix):
+    """A tiny random timm ViT saved to a file loads back through backbone.checkpoint with the same outputs."""
+    import timm
+
+    torch.manual_seed(0)
+    saved = timm.create_model("vit_base_patch16_224.augreg_in21k", pretrained=False, num_classes=0, **TINY_VIT).eval()
+    path = tmp_path / f"tiny{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, str(path))
+    else:
+        torch.save(saved.state_dict(), path)
+    torch.manual_seed(1)  # a different random init: only the file can make the outputs agree
+    loaded = build_backbone("vit-b16", {"pretrained": True, "checkpoint": str(path), **TINY_VIT}).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), saved((x - 0.5) / 0.5), atol=1e-6)
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_backbone("vit-b16", {"checkpoint": str(tmp_path / "missing.pth"), **TINY_VIT})
+    with pytest.raises(ConfigError, match="checkpoint must be"):
+        build_backbone("vit-b16", {"checkpoint": str(tmp_path / "weights.txt"), **TINY_VIT})
 
 
 def test_backbone_names_and_option_validation():

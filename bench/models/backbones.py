@@ -20,9 +20,10 @@ from torch import nn
 
 from clcompose.strategies.core.registry import ConfigError, Options, Registry
 
+# modules that register backbones of their own, imported on the first lookup
 BACKBONES: Registry = Registry(
-    "backbone", modules=("clcompose.bench.models.template_mixture",)
-)  # modules that register themselves
+    "backbone", modules=("clcompose.bench.models.vit", "clcompose.bench.models.template_mixture")
+)
 CACHE_VERSION = 1  # bump when the small CNN's architecture or pre-training code changes
 
 
@@ -42,7 +43,7 @@ class FrozenBatchNormMixin:
         return self
 
 
-def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     if x.shape[1] == channels:
         return x
     if x.shape[1] == 1:
@@ -52,7 +53,7 @@ def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"cannot map {x.shape[1]} input channels to {channels}")
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -99,7 +100,7 @@ class EfficientNetLite0(FrozenBatchNormMixin, nn.Module):
         del self.net._fc, self.net._dropout  # the ImageNet classifier is replaced by the suite's heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _resize(_to_channels(x, 3), self.image_size)
+        x = resize(to_channels(x, 3), self.image_size)
         x = (x * 255.0 - 127.0) / 128.0
         return self.net.extract_features(x).mean(dim=(2, 3))
 
@@ -176,7 +177,7 @@ class SmallCNN(nn.Module):
         self.out_features = feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _resize(_to_channels(x, 1), self.input_size)
+        x = resize(to_channels(x, 1), self.input_size)
         return F.relu(self.fc(self.conv(x).flatten(1)))
 
 
@@ -260,64 +261,6 @@ def small_cnn(options: SmallCNNOptions) -> nn.Module:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         model.pretraining = meta
     return model
-
-
-# --------------------------------------------------------------------------- timm ViT (GPU clusters)
-
-
-@dataclasses.dataclass
-class ViTOptions(Options):
-    """A timm Vision Transformer; ``pretrained`` weights come from the timm/Hugging Face hub (needs internet)."""
-
-    model_name: str = "vit_base_patch16_224.augreg_in21k"
-    pretrained: bool = True
-    img_size: int = 224
-    depth: int | None = None  # architecture overrides, e.g. a tiny random ViT for tests
-    embed_dim: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
-
-    def check(self) -> None:
-        self.require(self.img_size >= 8, "img_size", "must be >= 8")
-
-
-class TimmViT(nn.Module):
-    """Images → resize → normalise with mean = std = 0.5 (the augreg recipe) → [CLS] features."""
-
-    def __init__(self, options: ViTOptions):
-        super().__init__()
-        import timm
-
-        overrides = {
-            k: getattr(options, k)
-            for k in ("depth", "embed_dim", "num_heads", "patch_size")
-            if getattr(options, k) is not None
-        }
-        try:
-            self.net = timm.create_model(
-                options.model_name, pretrained=options.pretrained, num_classes=0, img_size=options.img_size, **overrides
-            )
-        except RuntimeError as exc:
-            if "Unknown model" in str(exc) or "Invalid pretrained tag" in str(exc):
-                raise ConfigError(f"timm does not know the model {options.model_name!r}") from None
-            raise
-        except OSError as exc:  # hub download failed (offline)
-            raise ConfigError(
-                f"pre-trained weights of {options.model_name} could not be fetched from the hub ({type(exc).__name__}); "
-                "run where the hub is reachable or its cache holds them, or set backbone.pretrained=false"
-            ) from None
-        self.img_size = options.img_size
-        self.out_features = self.net.num_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _resize(_to_channels(x, 3), self.img_size)
-        return self.net((x - 0.5) / 0.5)
-
-
-@BACKBONES.register("vit-b16", ViTOptions)
-def vit_b16(options: ViTOptions) -> nn.Module:
-    """timm ViT-B/16 (ImageNet-21k augreg) for GPU clusters; the architecture can be overridden for tests."""
-    return TimmViT(options)
 
 
 @dataclasses.dataclass
