@@ -56,6 +56,29 @@ class RecordExistsError(ConfigError):
     """The output path already holds a file; records are never overwritten."""
 
 
+class NonFiniteError(ConfigError):
+    """A payload holds NaN or infinity, which strict JSON (and so a record) cannot hold."""
+
+
+def non_finite_path(payload: Any, prefix: str = "") -> str | None:
+    """The first key path (``metrics.bwt``, ``accuracy_matrix[2][0]``) of a NaN or infinite float in ``payload``."""
+    import math
+
+    if isinstance(payload, float):
+        return None if math.isfinite(payload) else (prefix or "(top level)")
+    if isinstance(payload, dict):
+        items = ((f"{prefix}.{k}" if prefix else str(k), v) for k, v in payload.items())
+    elif isinstance(payload, (list, tuple)):
+        items = ((f"{prefix}[{i}]", v) for i, v in enumerate(payload))
+    else:
+        return None
+    for where, value in items:
+        found = non_finite_path(value, where)
+        if found:
+            return found
+    return None
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -67,14 +90,22 @@ def write_json_atomic(path: Path, payload: Any, *, overwrite: bool = False) -> P
     ``overwrite=False`` the link fails if ``path`` exists (no-clobber, atomic even between processes).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
     try:
+        text = json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    except ValueError:
+        where = non_finite_path(payload)
+        if where is None:
+            raise
+        raise NonFiniteError(
+            f"{path} was not written: it would hold a non-finite number (NaN or infinity) at {where}; JSON has none"
+        ) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -100,24 +131,118 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _strict_loader():
+    """A ``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # keys merged in with << may be overridden on purpose
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # an unhashable key: the base class reports it
+                        break
+                    if first is not None:
+                        raise yaml.constructor.ConstructorError(
+                            None,
+                            None,
+                            f"duplicate key {key!r} (first at line {first.line + 1})",
+                            key_node.start_mark,
+                        )
+                    seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text like ``yaml.safe_load``, but a duplicated key in a mapping is an error."""
+    import yaml
+
+    return yaml.load(text, Loader=_strict_loader())  # noqa: S506 (a SafeLoader subclass)
+
+
+def yaml_error_line(exc: Exception) -> str:
+    """A ``yaml.YAMLError`` as `` at line N: problem`` (for one-line messages)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None)
+    return where + (f": {problem}" if problem else "")
+
+
 def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """Load a YAML file that must hold a mapping; one-line errors for every way it can be wrong."""
+    """Load a YAML file that must hold a mapping; one-line errors for every way it can be wrong (including a
+    key given twice, which plain YAML would resolve by silently dropping the first)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None)
-        raise ConfigError(
-            f"{what} file {path} is not valid YAML{where}" + (f": {problem}" if problem else "")
-        ) from None
+        raise ConfigError(f"{what} file {path} is not valid YAML{yaml_error_line(exc)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{what} file {path} is not a text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} file {path} cannot be read: {exc.strerror}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} file {path} must hold a mapping, got {type(data).__name__}")
     return data
+
+
+def check_folder_path(path: str | Path, what: str) -> Path:
+    """``path`` where a folder goes: refused (one line) when it, or the nearest of its parents that exists, is
+    not a folder — which ``mkdir`` would otherwise report as a traceback."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is an existing file, not a folder")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{what} {path} cannot be created: {parent} is a file, not a folder")
+            break
+    return path
+
+
+def record_path_from(out: str | Path, name: str = "record.json") -> Path:
+    """Where ``--out OUT`` writes: ``OUT/<name>`` when OUT names a folder (ends with ``/`` or is an existing
+    folder), else OUT itself, whose folder must be creatable."""
+    text = str(out)
+    path = Path(text).expanduser()
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        return check_folder_path(path, "output folder") / name
+    check_folder_path(path.parent, "output folder")
+    return path
+
+
+def ensure_writable_folder(path: str | Path, what: str) -> Path:
+    """Create ``path`` (and its parents) and check that files can be written in it; one line if not."""
+    path = check_folder_path(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} is not writable: {exc.strerror}") from None
+    return path
+
+
+def move_aside(path: str | Path, reason: str = "corrupt") -> Path:
+    """Rename a damaged file to ``<name>.<reason>-<UTC time>`` next to it (kept for a human to look at, never
+    deleted) and return the new path."""
+    path = Path(path)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.{reason}-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{reason}-{stamp}-{n}")
+    os.replace(path, target)
+    return target

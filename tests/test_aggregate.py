@@ -22,6 +22,7 @@ from clcompose.bench.report.aggregate import (
     variant_labels,
 )
 from clcompose.bench.report.leaderboard import MARKER, build_leaderboard
+from clcompose.strategies.core.registry import ConfigError
 
 
 @pytest.fixture()
@@ -224,10 +225,16 @@ def test_extra_metrics_become_columns_a_plot_and_a_linked_figure(tmp_path):
         assert (tmp_path / "out" / link).is_file(), link
 
 
-def test_empty_store(tmp_path):
+def test_empty_store_is_an_error_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "runs").mkdir()
-    page, res = build_leaderboard([str(tmp_path / "runs")], tmp_path / "out")
-    assert "No result records yet." in page.read_text() and res.runs.empty
+    with pytest.raises(ConfigError, match="no result records found in .*runs; nothing written"):
+        build_leaderboard([str(tmp_path / "runs")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    for verb in ("aggregate", "leaderboard"):
+        assert main([verb, str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("bench: error: no result records found"), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_perf_command_reports_figures(tmp_path):
@@ -240,3 +247,80 @@ def test_perf_command_reports_figures(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"aggregate in process: read 60 records in [\d.]+ s", r.stdout), r.stdout
     assert re.search(r"`bench --help`: median [\d.]+ s", r.stdout), r.stdout
+
+
+# --------------------------------------------------------------------------- issue 16: the output folder and sweep options
+
+
+def _records_at_cells(tmp_path: Path) -> tuple[Path, Path]:
+    """A sweep file whose cells ran with --runs-dir (synthetic records at the cells' record paths)."""
+    from clcompose.bench.sweeps.sweep import load_sweep
+    from tests.test_hardening import TINY
+
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(TINY + f"output: {tmp_path / 'default-output'}\n")
+    runs = tmp_path / "elsewhere"
+    rng = np.random.default_rng(0)
+    for i, cell in enumerate(load_sweep(sweep_file, runs_dir=runs).cells):
+        cell.run_dir.mkdir(parents=True)
+        cell.record_path.write_text(json.dumps(synthetic_record(i, rng)))
+    return sweep_file, runs
+
+
+def test_aggregate_and_leaderboard_take_the_sweeps_runs_dir(tmp_path, capsys):
+    sweep_file, runs = _records_at_cells(tmp_path)
+    for verb in ("aggregate", "leaderboard"):
+        out = tmp_path / f"out-{verb}"
+        assert main([verb, str(sweep_file), "--out", str(out)]) == 2  # the file's own output holds nothing
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no result records found" in err[0] and "--runs-dir" in err[0], err
+        assert not out.exists()
+        extra = ["--no-plots"] if verb == "leaderboard" else []
+        assert main([verb, str(sweep_file), "--out", str(out), "--runs-dir", str(runs), *extra]) == 0
+        assert "2 records" in capsys.readouterr().out
+        assert main([verb, str(sweep_file), "--out", str(out), "--runs-dir", str(runs), "--profile", "ci", *extra]) == 0
+        capsys.readouterr()  # the CI profile runs the same cells (cpu, 1 thread)
+        assert main([verb, str(sweep_file), "--out", str(out), "--runs-dir", str(runs), "--set", "train.epochs=3"]) == 2
+        assert "no result records found" in capsys.readouterr().err  # other cells: not these records
+
+
+def test_old_tables_do_not_pass_for_new_ones(tmp_path, capsys):
+    both = some_records(tmp_path / "both", lambda c: c["benchmark"] in ("split-fmnist", "split-digits"))
+    one = some_records(tmp_path / "one", lambda c: c["benchmark"] == "split-digits")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["aggregate", str(both), "--out", str(out)]) == 0
+    assert (out / "tables" / "split-fmnist.md").is_file()
+    assert main(["aggregate", str(one), "--out", str(out)]) == 0
+    assert not (out / "tables" / "split-fmnist.md").exists() and (out / "tables" / "split-digits.md").is_file()
+    assert (out / "notes.txt").read_text() == "mine"  # files no generation of ours wrote are left alone
+    build_leaderboard([str(both)], out, plots=False)
+    assert (out / "README.md").is_file()
+    assert main(["aggregate", str(one), "--out", str(out)]) == 0  # tables now: the leaderboard page is gone
+    assert not (out / "README.md").exists() and not (out / "tables" / "split-fmnist.csv").exists()
+    manifest = json.loads((out / ".bench-outputs.json").read_text())
+    assert manifest["written_by"] == "bench aggregate" and "tables/split-digits.md" in manifest["files"]
+    capsys.readouterr()
+
+
+def test_the_committed_results_are_only_replaced_on_purpose(tmp_path, capsys):
+    from clcompose.bench.report.output import check_output, committed_results
+
+    runs = some_records(tmp_path, lambda c: c["benchmark"] == "split-digits")
+    repo = Path(__file__).resolve().parent.parent
+    before = {p: p.stat().st_mtime_ns for p in (repo / "results").rglob("*")}
+    for target in (repo / "results", repo / "results" / "teacher", repo / "results" / "new"):
+        for verb in ("aggregate", "leaderboard"):
+            assert main([verb, str(runs), "--out", str(target)]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "is a committed leaderboard (results/)" in err[0], err
+            assert "--overwrite-committed" in err[0]
+        assert check_output(target, overwrite_committed=True) == target  # allowed when asked
+    assert {p: p.stat().st_mtime_ns for p in (repo / "results").rglob("*")} == before
+    assert not committed_results(tmp_path) and not committed_results(repo / "results-digits")
+    from clcompose.bench.report.aggregate import load_results
+    from clcompose.bench.report.leaderboard import render_page
+
+    page = render_page(load_results([runs]), {}, repo / "results" / "teacher", ["examples/sweep-teacher.yaml"])
+    assert "--out results/teacher --overwrite-committed`" in page

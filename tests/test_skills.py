@@ -94,3 +94,24 @@ def test_skills_is_a_bench_verb(ita_run):
         text=True,
     )
     assert r.returncode == 2 and r.stderr.strip().startswith("bench: error: --weight must be in [0, 1]")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_damaged_task_vector_file_is_one_line(damage, ita_run, tmp_path, capsys):
+    import shutil
+
+    from clcompose.bench.cli.main import main
+
+    run_dir, _ = ita_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    vectors = copy / "task_vectors.safetensors"
+    data = vectors.read_bytes()
+    vectors.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x00" * 64}[damage])
+    assert main(["skills", str(copy), "--out", str(tmp_path / "skills.json")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("bench: error: ") and "is unreadable (truncated or corrupted?)" in err[0]
+    assert not (tmp_path / "skills.json").exists()
+    (copy / "record.json").write_text((copy / "record.json").read_text()[:100])
+    assert main(["skills", str(copy)]) == 2
+    assert "is not valid JSON (truncated or corrupted?)" in capsys.readouterr().err

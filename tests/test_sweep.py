@@ -139,12 +139,26 @@ def test_grids_and_counts(tmp_path):
         (TINY + "cluster: ./missing.yaml\n", r"cluster profile file ./missing.yaml does not exist"),
         (TINY + "cluster: ./bad-profile.yaml\n", r"bad-profile.yaml: unknown option\(s\) gpus for cluster profile"),
         (TINY + "cluster: ./bad-profile2.yaml\n", r"ClusterProfile.workers must be >= 1"),
-        (TINY + "name: a/b\n", r"name must be a non-empty string without '/'"),
+        (TINY + "cluster: ./bad-profile3.yaml\n", r"ClusterProfile.mem_gb must be a finite number, got inf"),
+        (TINY + "cluster: ./bad-profile4.yaml\n", r"ClusterProfile.timeout_min must be an integer, got nan"),
+        *[
+            (TINY.replace("name: tiny", f"name: {bad}"), r"name must be a plain folder name .*, got ")
+            for bad in ("a/b", "'..'", "'.'", "a/../..", "/abs/path", ".hidden", "''", "-x", "3")
+        ],
+        (TINY + "name: other\n", r"not valid YAML at line 8: duplicate key 'name' \(first at line 2\)"),
+        (TINY.replace("naive: {}", "naive: {}, naive: {}"), r"duplicate key 'naive'"),
+        (TINY.replace("seeds: [0, 1]", "seeds: [0, 4294967296]"), r"seeds must be below 2\*\*32 = 4294967296"),
+        (TINY + "stream_seed: 4294967296\n", r"stream_seed must be below 2\*\*32"),
+        (TINY.replace("seeds: [0, 1]", "seeds: 100000"), r"expands to 200,000 cells .*add `max_cells: 200000`"),
+        (TINY + "max_cells: 3\n", r"expands to 4 cells \(2 seeds\), more than max_cells = 3"),
+        (TINY + "max_cells: -1\n", r"max_cells must be a positive integer"),
     ],
 )
 def test_malformed_sweep_files_give_one_line(text, pattern, tmp_path, capsys):
     (tmp_path / "bad-profile.yaml").write_text("executor: slurm\ngpus: 1\n")
     (tmp_path / "bad-profile2.yaml").write_text("workers: 0\n")
+    (tmp_path / "bad-profile3.yaml").write_text("mem_gb: .inf\n")
+    (tmp_path / "bad-profile4.yaml").write_text("timeout_min: .nan\n")
     path = write(tmp_path, text, "tiny.yaml")
     code = main(
         ["sweep", str(path), "--dry-run", "--runs-dir", str(tmp_path / "runs")]

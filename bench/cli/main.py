@@ -17,6 +17,28 @@ SECTION_KEYS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the suite's one-line errors: ``bench: error: …`` and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"bench: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def parse_value(key: str, raw: str) -> Any:
+    """A ``--set`` value: a YAML flow list or mapping (``[0.5, 1]``, ``{grid: [1, 2]}``) is parsed as YAML;
+    anything else stays the string it is (each option converts it to its type)."""
+    if raw.strip()[:1] not in ("[", "{"):
+        return raw
+    import yaml
+
+    from clcompose.bench.io import load_yaml, yaml_error_line
+
+    try:
+        return load_yaml(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: {raw!r} is not valid YAML{yaml_error_line(exc)}") from None
+
+
 def parse_assignments(items: list[str]) -> dict[str, dict[str, Any]]:
     """``["strategy.ewc_lambda=100", "train.epochs=2"]`` → ``{"strategy_options": {...}, "train": {...}}``."""
     out: dict[str, dict[str, Any]] = {}
@@ -27,7 +49,7 @@ def parse_assignments(items: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
         if section not in SECTION_KEYS:
             raise ConfigError(f"--set section must be one of {', '.join(SECTION_KEYS)}, got {section!r}")
-        out.setdefault(SECTION_KEYS[section], {})[name] = value
+        out.setdefault(SECTION_KEYS[section], {})[name] = parse_value(key, value)
     return out
 
 
@@ -75,16 +97,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from clcompose.bench.data.benchmarks import BENCHMARKS
-    from clcompose.bench.models.backbones import BACKBONES
-    from clcompose.strategies.core.registry import STRATEGIES
+    from clcompose.bench.cli.catalog import catalog, render
 
-    for title, registry in (("benchmarks", BENCHMARKS), ("backbones", BACKBONES), ("strategies", STRATEGIES)):
-        print(f"{title}:")
-        for name in registry.names():
-            entry = registry[name]
-            fields = ", ".join(entry.options.field_names()) or "-"
-            print(f"  {name:24s} {entry.summary}\n  {'':24s} options: {fields}")
+    print("\n".join(render(catalog(refresh=args.refresh))))
+    print("(each option: name: type = default; set any of them with --set SECTION.KEY=VALUE)")
     return 0
 
 
@@ -99,7 +115,9 @@ def _report(report) -> int:
 def _load_sweep(args: argparse.Namespace):
     from clcompose.bench.sweeps.sweep import load_sweep
 
-    sweep = load_sweep(args.file, profile=args.profile, runs_dir=args.runs_dir)
+    sweep = load_sweep(
+        args.file, profile=args.profile, runs_dir=args.runs_dir, overrides=parse_assignments(args.set or [])
+    )
     if getattr(args, "workers", None) is not None:
         if args.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {args.workers}")
@@ -128,20 +146,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_aggregate(args: argparse.Namespace) -> int:
-    from clcompose.bench.report.aggregate import load_results, write_tables
+def _sweep_options(args: argparse.Namespace) -> dict[str, Any]:
+    """How sweep files among the paths are expanded (as `bench sweep` was given them)."""
+    return {"profile": args.profile, "runs_dir": args.runs_dir, "overrides": parse_assignments(args.set or [])}
 
-    results = load_results(args.paths)
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from clcompose.bench.report.leaderboard import write_aggregate
+    from clcompose.bench.report.output import check_output
+
+    out = check_output(args.out, args.overwrite_committed)
+    written, results = write_aggregate(args.paths, out, **_sweep_options(args))
     _report_skipped(results)
-    written = write_tables(results, Path(args.out))
-    print(f"{len(results.runs)} records → {len(written)} tables in {args.out}")
+    print(f"{len(results.runs)} records → {len(written)} tables in {out}")
     return 0
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from clcompose.bench.report.leaderboard import build_leaderboard
+    from clcompose.bench.report.output import check_output
 
-    page, results = build_leaderboard(args.paths, Path(args.out), plots=not args.no_plots)
+    out = check_output(args.out, args.overwrite_committed)
+    page, results = build_leaderboard(args.paths, out, plots=not args.no_plots, **_sweep_options(args))
     _report_skipped(results)
     print(f"{len(results.runs)} records → {page}")
     return 0
@@ -168,7 +194,11 @@ def cmd_main(args: argparse.Namespace) -> int:
     report = launch(sweep, kind="local", progress=not args.quiet)
     code = _report(report)
     page, results = build_leaderboard(
-        [str(sweep.path)], Path(args.results), runs_dir=sweep.output, profile=args.profile
+        [str(sweep.path)],
+        Path(args.results),
+        runs_dir=sweep.output,
+        profile=args.profile,
+        overrides=parse_assignments(args.set or []),
     )
     _report_skipped(results)
     print(f"leaderboard of {len(results.runs)} runs → {page}")
@@ -178,9 +208,7 @@ def cmd_main(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from clcompose.bench.io import REPO_ROOT, resource_dir
 
-    parser = argparse.ArgumentParser(
-        prog="bench", description="Continual-learning benchmark suite (ITA, IEL and baselines)."
-    )
+    parser = _Parser(prog="bench", description="Continual-learning benchmark suite (ITA, IEL and baselines).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="train one seeded run and write its result record")
@@ -205,20 +233,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="any option: benchmark.*, backbone.*, strategy.*, train.* (repeatable)",
     )
-    p.add_argument("--out", help="record path (default: RUNS_DIR/<run id>/record.json); never overwritten")
+    p.add_argument(
+        "--out",
+        help="record path, or a folder (ending in /) for OUT/record.json (default: RUNS_DIR/<run id>/record.json); "
+        "never overwritten",
+    )
     p.add_argument("--runs-dir", default="runs", dest="runs_dir")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (also not the backbone's pre-training)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("list", help="list benchmarks, backbones and strategies with their options")
+    p = sub.add_parser("list", help="list benchmarks, backbones and strategies with their options' types and defaults")
+    p.add_argument("--refresh", action="store_true", help="rebuild the cached description (it follows the code)")
     p.set_defaults(func=cmd_list)
 
     from clcompose.bench.cli.skills import add_parser as add_skills_parser  # light module: argparse only at import
 
     add_skills_parser(sub)
 
-    def sweep_args(p: argparse.ArgumentParser, file_default: str | None = None) -> None:
-        if file_default is None:
+    def sweep_args(p: argparse.ArgumentParser, file_default: str | None = None, paths: bool = True) -> None:
+        if not paths:
+            pass  # aggregate/leaderboard: the sweep files are among their paths
+        elif file_default is None:
             p.add_argument("file", help="sweep YAML file (see examples/)")
         else:
             p.add_argument(
@@ -229,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="cluster profile: a name under slurm/profiles/ or a YAML path (overrides the file's cluster)",
         )
         p.add_argument("--runs-dir", dest="runs_dir", help="where the run folders go (overrides the file's output)")
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="SECTION.KEY=VALUE",
+            help="an option for every cell (strategy.*/benchmark.*/backbone.*: every one that has it; repeatable)",
+        )
 
     p = sub.add_parser(
         "sweep", help="run a sweep's missing cells (local processes, in-process debug, or SLURM job arrays)"
@@ -252,16 +293,27 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_args(p)
     p.set_defaults(func=cmd_status)
 
+    def report_args(p: argparse.ArgumentParser, out_help: str) -> None:
+        p.add_argument(
+            "paths", nargs="+", help="run folders to search for record.json, record files, or sweep YAML files"
+        )
+        p.add_argument("--out", required=True, help=out_help)
+        p.add_argument(
+            "--overwrite-committed",
+            action="store_true",
+            dest="overwrite_committed",
+            help="allow --out to be the committed results/ (or a folder in it)",
+        )
+        sweep_args(p, paths=False)
+
     p = sub.add_parser("aggregate", help="read result records and write per-benchmark tables (CSV, Markdown, LaTeX)")
-    p.add_argument("paths", nargs="+", help="run folders to search for record.json, record files, or sweep YAML files")
-    p.add_argument("--out", default="results", help="output folder (tables go to OUT/tables; default results)")
+    report_args(p, "output folder (tables go to OUT/tables; the previous generation's files are replaced)")
     p.set_defaults(func=cmd_aggregate)
 
     p = sub.add_parser(
         "leaderboard", help="tables, plots and the leaderboard page OUT/README.md, regenerated from records"
     )
-    p.add_argument("paths", nargs="+", help="run folders, record files, or sweep YAML files")
-    p.add_argument("--out", default="results", help="output folder (default results)")
+    report_args(p, "output folder (the previous generation's files are replaced)")
     p.add_argument("--no-plots", action="store_true", dest="no_plots")
     p.set_defaults(func=cmd_leaderboard)
 
@@ -281,11 +333,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb. Bad input and an unusable environment (a file where a folder goes, an unwritable folder)
+    are one ``bench: error:`` line and exit code 2; output into a closed pipe (``bench status | head``) ends
+    quietly with 141 (128 + SIGPIPE)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then handled below
+        return code
     except ConfigError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)  # the interpreter's own flush at exit would raise again
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as exc:  # e.g. permission denied, no space left, a read-only file system
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"bench: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)

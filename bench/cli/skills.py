@@ -67,6 +67,12 @@ def load_run(run_dir: Path):
         load_task_vectors(model, vectors)
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"{vectors} does not match the run's model: {exc}") from None
+    except Exception as exc:  # safetensors' SafetensorError on a truncated or corrupted file, and the like
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"{vectors} is unreadable (truncated or corrupted?): {type(exc).__name__}: {first}; "
+            "re-run the run to save its task vectors again"
+        ) from None
     model.eval()
     batches = []
     for exp in bm.test_stream:
@@ -101,7 +107,9 @@ def cmd_skills(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not 0.0 <= args.weight <= 1.0:
         raise ConfigError(f"--weight must be in [0, 1], got {args.weight}")
-    out = Path(args.out) if args.out else run_dir / "skills.json"
+    from clcompose.bench.io import record_path_from
+
+    out = record_path_from(args.out, "skills.json") if args.out else run_dir / "skills.json"
     if out.exists():
         raise ConfigError(f"{out} already exists; reports are never overwritten (choose another --out)")
     record, model, batches = load_run(run_dir)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from clcompose.bench.data.datasets import ArrayData, concat_datasets, images_as_float, load_dataset
+from clcompose.bench.data.datasets import NUM_CLASSES, ArrayData, concat_datasets, images_as_float, load_dataset
 from clcompose.strategies.core.protocols import HeldOutTask
 from clcompose.strategies.core.registry import ConfigError, Options, Registry
 
@@ -141,8 +141,12 @@ def _offline(dataset_names: tuple[str, ...], summary: str):
         data = parts[0] if len(parts) == 1 else concat_datasets("+".join(dataset_names), parts)
         return stream_from_arrays(data, options, stream_seed)
 
+    def check_options(options: StreamOptions) -> None:  # at resolve time: a dry-run reports it
+        classes_per_experience(sum(NUM_CLASSES[n] for n in dataset_names), options.n_experiences)
+
     build.__doc__ = summary
     build.datasets = dataset_names
+    build.check_options = check_options
     return build
 
 
@@ -156,7 +160,7 @@ for _name, _sets, _summary in [
     BENCHMARKS.register(_name, StreamOptions)(_offline(_sets, _summary))
 
 
-def _classic(cls_name: str, summary: str, **extra: Any):
+def _classic(cls_name: str, summary: str, num_classes: int, **extra: Any):
     def build(options: ClassicOptions, stream_seed: int | None):
         from avalanche.benchmarks import classic
         from torchvision import transforms
@@ -179,17 +183,21 @@ def _classic(cls_name: str, summary: str, **extra: Any):
             ) from None
         return Benchmark(scenario, {"dataset": cls_name})
 
+    def check_options(options: ClassicOptions) -> None:
+        classes_per_experience(num_classes, options.n_experiences)
+
     build.__doc__ = summary
+    build.check_options = check_options
     return build
 
 
-for _name, _cls, _summary in [
-    ("split-cifar10", "SplitCIFAR10", "Avalanche SplitCIFAR10 (downloads into data_root)."),
-    ("split-cifar100", "SplitCIFAR100", "Avalanche SplitCIFAR100 (downloads into data_root)."),
-    ("split-mnist", "SplitMNIST", "Avalanche SplitMNIST (downloads into data_root)."),
-    ("split-tinyimagenet", "SplitTinyImageNet", "Avalanche SplitTinyImageNet (downloads into data_root)."),
+for _name, _cls, _classes, _summary in [
+    ("split-cifar10", "SplitCIFAR10", 10, "Avalanche SplitCIFAR10 (downloads into data_root)."),
+    ("split-cifar100", "SplitCIFAR100", 100, "Avalanche SplitCIFAR100 (downloads into data_root)."),
+    ("split-mnist", "SplitMNIST", 10, "Avalanche SplitMNIST (downloads into data_root)."),
+    ("split-tinyimagenet", "SplitTinyImageNet", 200, "Avalanche SplitTinyImageNet (downloads into data_root)."),
 ]:
-    BENCHMARKS.register(_name, ClassicOptions)(_classic(_cls, _summary))
+    BENCHMARKS.register(_name, ClassicOptions)(_classic(_cls, _summary, num_classes=_classes))
 
 
 def build_benchmark(name: str, options: dict | Options | None = None, stream_seed: int | None = 0):

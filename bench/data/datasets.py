@@ -35,6 +35,9 @@ FASHION_MNIST_CLASSES = [
     "ankle-boot",
 ]
 ANIMAL_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
+# Classes of each data set, known without loading it, so that limits such as n_experiences <= classes are
+# checked when a config is resolved (a dry-run reports them); tests/test_hardening.py checks them against the data.
+NUM_CLASSES = {"fmnist": 10, "mnist5k": 10, "animal": 10, "digits": 10}
 
 
 @dataclasses.dataclass

@@ -312,5 +312,9 @@ for _stream, _summary in [
     def _build(options: TeacherOptions, stream_seed: int | None, _s=_stream):
         return build_stream(_s, options, stream_seed)
 
+    def _check(options: TeacherOptions, _s=_stream) -> None:  # at resolve time: e.g. too many experiences
+        combination_layout(_s, options, 0)  # the number of combinations per experience does not depend on the seed
+
     _build.__doc__ = _summary
+    _build.check_options = _check
     BENCHMARKS.register(f"teacher-{_stream}", TeacherOptions)(_build)

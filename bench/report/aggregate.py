@@ -88,17 +88,16 @@ class Results:
         return pd.DataFrame.from_records(rows, columns=["run_id", "experience", "key", "value"])
 
 
-def find_record_files(
-    paths: Iterable[str | Path], profile: str | None = None, runs_dir: str | Path | None = None
-) -> list[Path]:
-    """Record files named by ``paths``: folders are searched for ``record.json``, sweep files give their cells'."""
+def find_record_files(paths: Iterable[str | Path], **sweep_options: Any) -> list[Path]:
+    """Record files named by ``paths``: folders are searched for ``record.json``, sweep files give their cells'
+    (expanded with ``load_sweep``'s ``profile``, ``runs_dir`` and ``overrides`` as ``bench sweep`` had them)."""
     files: list[Path] = []
     for p in paths:
         path = Path(p)
         if path.suffix in (".yaml", ".yml"):
             from clcompose.bench.sweeps.sweep import load_sweep
 
-            sweep = load_sweep(path, profile=profile, runs_dir=runs_dir)
+            sweep = load_sweep(path, **sweep_options)
             files += [c.record_path for c in sweep.cells if c.record_path.exists()]
         elif path.is_dir():
             for root, dirs, names in os.walk(path):
@@ -169,9 +168,7 @@ def _parse(text: str, path: Path) -> dict[str, Any]:
     return rec
 
 
-def load_results(
-    paths: Iterable[str | Path], profile: str | None = None, runs_dir: str | Path | None = None
-) -> Results:
+def load_results(paths: Iterable[str | Path], **sweep_options: Any) -> Results:
     """Read every record under ``paths`` (see :func:`find_record_files`); bad files are skipped and listed."""
     import pandas as pd
 
@@ -184,7 +181,7 @@ def load_results(
     skipped: list[tuple[str, str]] = []
     seen: dict[str, str] = {}
     extra_names: list[str] = []
-    for path in find_record_files(paths, profile, runs_dir):
+    for path in find_record_files(paths, **sweep_options):
         try:
             rec = _parse(path.read_text(), path)
             cfg, m, timing = rec["config"], rec["metrics"], rec["timing"]

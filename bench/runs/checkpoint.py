@@ -71,14 +71,21 @@ def save(path: Path, strategy: Any, loop: dict[str, Any], summary: dict[str, Any
             setattr(clone, name, None)
     payload = {"format": FORMAT, "strategy": clone, "rng_manager": RNGManager, "loop": loop}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    evaluator = getattr(strategy, "evaluator", None)
+    loggers = getattr(evaluator, "loggers", None)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if loggers:  # open files, writers and W&B runs are not state: a resumed run builds its own loggers
+            evaluator.loggers = []
         with _dill_by_reference() as dill:
             torch.save(payload, tmp, pickle_module=dill)
         os.replace(tmp, path)
     except Exception as exc:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if loggers:
+            evaluator.loggers = loggers
     if summary is not None:
         write_json_atomic(_sidecar(path), summary, overwrite=True)
     return path
@@ -103,7 +110,10 @@ def load(path: Path, strategy: Any, device: str = "cpu") -> dict[str, Any]:
         raise CheckpointError(f"could not read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a run checkpoint of format {FORMAT}")
+    loggers = getattr(getattr(strategy, "evaluator", None), "loggers", None)
     strategy.__dict__.update(payload["strategy"].__dict__)  # RNG states were restored while unpickling
+    if loggers and getattr(strategy, "evaluator", None) is not None:
+        strategy.evaluator.loggers = loggers  # this attempt's loggers (checkpoints hold none)
     return payload["loop"]
 
 
@@ -121,6 +131,28 @@ def peek(path: Path) -> dict[str, Any] | None:
         return json.loads(_sidecar(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def previous_attempts(path: Path, config_hash: str) -> list[dict[str, Any]]:
+    """The attempts at this run logged in the summary next to ``path`` (also by attempts killed before their
+    first checkpoint); [] when there is none or it belongs to another config."""
+    import json
+
+    try:
+        summary = json.loads(_sidecar(path).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(summary, dict) or summary.get("config_hash") != config_hash:
+        return []
+    attempts = summary.get("attempts")
+    if not isinstance(attempts, list):
+        return []
+    return [a for a in attempts if isinstance(a, dict)]
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """Write the summary next to ``path`` (e.g. at the start of an attempt, before any checkpoint exists)."""
+    write_json_atomic(_sidecar(path), summary, overwrite=True)
 
 
 def remove(path: Path) -> None:

@@ -5,11 +5,29 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any
+import re
+from typing import Any, Literal
 
 from clcompose.strategies.core.registry import ConfigError, Options
 
 SECTIONS = ("benchmark", "backbone", "strategy", "train")
+SEED_LIMIT = 2**32  # NumPy seeds (np.random.seed) must be below 2**32
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps|xpu(:\d+)?)$")
+LOGGERS = ("tensorboard", "csv", "wandb", "text")
+
+
+@dataclasses.dataclass
+class LoggerOptions(Options):
+    """``train.loggers``: Avalanche loggers that write under the run folder. They observe the run and change
+    nothing in it, so they are not part of the run's identity (its config hash) nor of the record's config."""
+
+    loggers: list[Literal["tensorboard", "csv", "wandb", "text"]] = dataclasses.field(default_factory=list)
+
+    def _where(self, name: str) -> str:
+        return f"train.{name}"
+
+    def check(self) -> None:
+        self.require(len(set(self.loggers)) == len(self.loggers), "loggers", "must not name a logger twice")
 
 
 @dataclasses.dataclass
@@ -41,6 +59,10 @@ class RunConfig:
             value = getattr(cfg, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
+            if value >= SEED_LIMIT:
+                raise ConfigError(f"{key} must be below 2**32 = {SEED_LIMIT} (NumPy's seed range), got {value}")
+        if not isinstance(cfg.device, str) or not DEVICE.match(cfg.device):
+            raise ConfigError(f"device must be cpu, cuda, cuda:N, mps or xpu[:N], got {cfg.device!r}")
         for key in ("benchmark_options", "backbone_options", "strategy_options", "train"):
             if not isinstance(getattr(cfg, key), dict):
                 raise ConfigError(f"{key} must be a mapping, got {getattr(cfg, key)!r}")
@@ -55,24 +77,46 @@ class RunConfig:
         from clcompose.strategies.core.registry import STRATEGIES
         from clcompose.strategies.core.training import TrainConfig
 
+        train = dict(self.train)
+        loggers = LoggerOptions.from_dict({"loggers": train.pop("loggers")} if "loggers" in train else {})
+        entry = BENCHMARKS[self.benchmark]
+        benchmark = entry.options.from_dict(self.benchmark_options, f"benchmark {self.benchmark!r}")
+        check = getattr(entry.factory, "check_options", None)  # limits that depend on the data, e.g. its classes
+        if check is not None:
+            try:
+                check(benchmark)
+            except ConfigError as exc:
+                raise ConfigError(f"benchmark {self.benchmark!r}: {exc}") from None
         return ResolvedRun(
             config=self,
-            benchmark=BENCHMARKS[self.benchmark].options.from_dict(
-                self.benchmark_options, f"benchmark {self.benchmark!r}"
-            ),
+            benchmark=benchmark,
             backbone=BACKBONES[self.backbone].options.from_dict(self.backbone_options, f"backbone {self.backbone!r}"),
             strategy=STRATEGIES[self.strategy].options.from_dict(self.strategy_options, f"strategy {self.strategy!r}"),
-            train=TrainConfig.from_dict(self.train, "train"),
+            train=_train_config(TrainConfig, train),
+            loggers=list(loggers.loggers),
         )
+
+
+def _train_config(cls: type[Options], train: dict[str, Any]) -> Options:
+    try:
+        return cls.from_dict(train, "train")
+    except ConfigError as exc:
+        if str(exc).startswith("unknown option"):
+            raise ConfigError(f"{exc}, loggers") from None  # train.loggers is taken out before TrainConfig
+        raise
 
 
 @dataclasses.dataclass
 class ResolvedRun:
+    """A validated run. ``loggers`` (from ``train.loggers``) only observe the run: :meth:`to_dict`, which the
+    record stores as its config and the run id hashes, leaves them out."""
+
     config: RunConfig
     benchmark: Options
     backbone: Options
     strategy: Options
     train: Options
+    loggers: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The full config with every default filled in (what a record stores and its id hashes)."""

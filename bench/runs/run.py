@@ -2,55 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
-import random
-import re
 import resource
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from clcompose.bench.runs.config import ResolvedRun, RunConfig, config_hash
+from clcompose.bench.runs.session import _evaluator, _Session, accuracy_row, seed_everything  # noqa: F401
 from clcompose.strategies.core.protocols import ExtraMetrics, FinalMetrics, RecordsExtras, SavesArtifacts, StepMetrics
 from clcompose.strategies.core.registry import ConfigError
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-_ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/(?:Task\d+/)?Exp(\d+)$")
-
-
-def accuracy_row(metrics: dict[str, Any], n_experiences: int) -> list[float]:
-    """Per-experience test accuracies from Avalanche's ``eval`` result dict."""
-    row: dict[int, float] = {}
-    for key, value in metrics.items():
-        m = _ACC_KEY.match(key)
-        if m:
-            row[int(m.group(1))] = float(value)
-    missing = [i for i in range(n_experiences) if i not in row]
-    if missing:
-        raise RuntimeError(f"evaluation returned no accuracy for experiences {missing}")
-    return [row[i] for i in range(n_experiences)]
-
-
-def _evaluator():
-    import warnings
-
-    from avalanche.evaluation.metrics import accuracy_metrics
-    from avalanche.training.plugins import EvaluationPlugin
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "No loggers specified": the record is our log
-        return EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
 
 
 def execute(
@@ -59,6 +22,7 @@ def execute(
     artifacts_dir: Path | None = None,
     checkpoint_path: Path | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    log_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train the stream and return the record (not yet written).
 
@@ -75,11 +39,12 @@ def execute(
 
     With ``checkpoint_path``, the complete training state is saved there after every experience (see
     :mod:`bench.checkpoint`), and a checkpoint already there (of the same config) is resumed: the record of a
-    resumed run has the same accuracy matrix and metrics as an uninterrupted one, plus a ``resumes`` entry.
-    ``on_step(done, total)`` is called after each training step (e.g. to report progress).
+    resumed run has the same accuracy matrix and metrics as an uninterrupted one, plus ``resumes``: one entry
+    per attempt after the first, logged when the attempt starts (so also attempts killed before their next
+    checkpoint). ``on_step(done, total)`` is called after each training step (e.g. to report progress).
+    ``log_dir`` is where the loggers of ``train.loggers`` write (none without it).
     """
     import torch
-    from tqdm.auto import tqdm
 
     cfg = resolved.config
     if cfg.threads is not None:
@@ -88,10 +53,74 @@ def execute(
         raise ConfigError(f"device {cfg.device!r} requested but CUDA is not available here")
     wall0, cpu0 = time.perf_counter(), time.process_time()
 
-    session = _Session.build(resolved)
-    loop = _new_loop(resolved, len(session.steps))
-    if checkpoint_path is not None and Path(checkpoint_path).exists():
-        loop = _resume(Path(checkpoint_path), session, resolved) or loop
+    digest = config_hash(resolved.to_dict())
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    attempts = _start_attempt(ckpt, digest) if ckpt is not None else []  # logged before anything is built
+    session = _Session.build(resolved, progress, log_dir, attempt=max(len(attempts), 1))
+    try:
+        loop = _new_loop(resolved, len(session.steps))
+        if ckpt is not None and ckpt.exists():
+            loop = _resume(ckpt, session, resolved) or loop
+        if ckpt is not None:
+            attempts = _settle_attempt(ckpt, attempts, loop)
+        record = _train(
+            session, resolved, loop, (wall0, cpu0), progress, checkpoint_path, on_step, attempts, artifacts_dir
+        )
+    finally:
+        session.close()
+    if resolved.loggers and log_dir is not None:
+        folder = Path(log_dir)
+        shown = folder.name if artifacts_dir is not None and folder.parent == Path(artifacts_dir) else str(folder)
+        record["loggers"] = {"loggers": list(resolved.loggers), "folder": shown}
+    return record
+
+
+def _start_attempt(path: Path, digest: str) -> list[dict[str, Any]]:
+    """Log this attempt next to the checkpoint before anything is built (so that an attempt killed while
+    setting up counts too); returns every attempt so far, this one last."""
+    from clcompose.bench.io import utc_now
+    from clcompose.bench.runs import checkpoint
+
+    summary = checkpoint.peek(path) or {}  # the checkpoint's summary, if there is a checkpoint
+    if summary and summary.get("config_hash") != digest:
+        return []  # another config's checkpoint: resuming it is refused below; leave its summary alone
+    attempt = {"from_step": summary.get("next_step", 0), "at": utc_now(), "host": socket.gethostname()}
+    attempts = checkpoint.previous_attempts(path, digest) + [attempt]
+    _write_summary(path, summary | {"config_hash": digest, "attempts": attempts})
+    return attempts
+
+
+def _settle_attempt(path: Path, attempts: list[dict[str, Any]], loop: dict[str, Any]) -> list[dict[str, Any]]:
+    """Correct this attempt's entry once it is known where it starts (an unreadable checkpoint starts at 0; a
+    checkpoint of an older version carries its earlier attempts in the loop state)."""
+    attempts = [dict(a) for a in attempts] or [{"at": None, "host": None}]
+    changed = attempts[-1].get("from_step") != loop["next_step"]
+    attempts[-1]["from_step"] = loop["next_step"]
+    if len(attempts) == 1 and loop["next_step"] > 0:
+        attempts = [{"from_step": 0, "at": None, "host": None}] + list(loop.get("resumes") or []) + attempts
+        changed = True
+    if changed:
+        summary = {"config_hash": loop["config_hash"], "next_step": loop["next_step"], "n_steps": loop["n_steps"]}
+        _write_summary(path, summary | {"attempts": attempts})
+    return attempts
+
+
+def _write_summary(path: Path, summary: dict[str, Any]) -> None:
+    from clcompose.bench.runs import checkpoint
+
+    try:
+        checkpoint.write_summary(path, summary)
+    except OSError as exc:  # the run itself can go on; only the count of attempts may then fall short
+        print(f"bench: warning: could not log the attempt next to {path}: {exc.strerror}", file=sys.stderr)
+
+
+def _train(session, resolved, loop, started, progress, checkpoint_path, on_step, attempts, artifacts_dir) -> dict:
+    """The training loop of :func:`execute` from ``loop['next_step']`` on; returns the record."""
+    import torch
+    from tqdm.auto import tqdm
+
+    cfg = resolved.config
+    wall0, cpu0 = started
     setup_wall = time.perf_counter() - wall0
     earlier_wall, earlier_cpu = loop["wall_s"], loop["cpu_s"]  # spent by earlier attempts up to their checkpoint
 
@@ -106,6 +135,7 @@ def execute(
     )
     for i in range(loop["next_step"], n_steps):
         experiences = session.steps[i]
+        session.seen(i)
         t, c = time.perf_counter(), time.process_time()
         session.strategy.train(experiences, eval_streams=[])
         train_wall, train_cpu = time.perf_counter() - t, time.process_time() - c
@@ -131,7 +161,7 @@ def execute(
         loop["wall_s"] = earlier_wall + time.perf_counter() - wall0
         loop["cpu_s"] = earlier_cpu + time.process_time() - cpu0
         if checkpoint_path is not None:
-            checkpoint_path = _save_checkpoint(Path(checkpoint_path), session, loop)
+            checkpoint_path = _save_checkpoint(Path(checkpoint_path), session, loop, attempts)
         bar.update()
         bar.set_postfix(acc=f"{sum(row[: i + 1]) / (i + 1):.3f}")
         if on_step is not None:
@@ -146,45 +176,10 @@ def execute(
         "total_wall_s": round(earlier_wall + time.perf_counter() - wall0, 4),
         "total_cpu_s": round(earlier_cpu + time.process_time() - cpu0, 4),
     }
-    return _record(resolved, session, loop, timing, artifacts)
-
-
-@dataclasses.dataclass
-class _Session:
-    """What a run trains: the built benchmark and strategy, and the training steps (one per experience, or one for joint)."""
-
-    benchmark: Any
-    strategy: Any
-    test_stream: Any
-    steps: list[list[Any]]
-    n_experiences: int
-
-    @classmethod
-    def build(cls, resolved: ResolvedRun) -> _Session:
-        from avalanche.training import JointTraining
-
-        from clcompose.bench.data.benchmarks import build_benchmark
-        from clcompose.bench.models.backbones import build_backbone
-        from clcompose.strategies.core.heads import ClassIncrementalNet
-        from clcompose.strategies.core.registry import STRATEGIES
-
-        cfg = resolved.config
-        seed_everything(cfg.seed)
-        bm = build_benchmark(cfg.benchmark, resolved.benchmark, cfg.stream_seed)
-        backbone_options = resolved.backbone
-        if getattr(backbone_options, "in_features", 0) is None and "input_dim" in bm.info:
-            backbone_options = dataclasses.replace(
-                backbone_options, in_features=bm.info["input_dim"]
-            )  # a copy: the config stays as given
-        backbone = build_backbone(cfg.backbone, backbone_options)
-        seed_everything(cfg.seed)  # the same state whether the backbone came from the cache or was just built
-        model = ClassIncrementalNet(backbone)
-        strategy = STRATEGIES[cfg.strategy].factory(
-            model, resolved.strategy, resolved.train, evaluator=_evaluator(), device=cfg.device
-        )
-        train_stream = list(bm.train_stream)
-        steps = [train_stream] if isinstance(strategy, JointTraining) else [[e] for e in train_stream]
-        return cls(bm, strategy, bm.test_stream, steps, len(train_stream))
+    record = _record(resolved, session, loop, timing, artifacts)
+    if len(attempts) > 1:
+        record["resumes"] = [{k: a.get(k) for k in ("from_step", "at", "host")} for a in attempts[1:]]
+    return record
 
 
 def _new_loop(resolved: ResolvedRun, n_steps: int) -> dict[str, Any]:
@@ -202,31 +197,32 @@ def _new_loop(resolved: ResolvedRun, n_steps: int) -> dict[str, Any]:
 
 def _resume(path: Path, session: _Session, resolved: ResolvedRun) -> dict[str, Any] | None:
     """Load the checkpoint into ``session``; None (start afresh, with a warning) when it cannot be read."""
-    import sys
-
-    from clcompose.bench.io import utc_now
     from clcompose.bench.runs import checkpoint
 
     try:
         loop = checkpoint.load(path, session.strategy, resolved.config.device)
     except checkpoint.CheckpointError as exc:
         print(f"bench: warning: {exc}; starting the run from the beginning", file=sys.stderr)
-        fresh = _Session.build(resolved)  # unpickling may have moved the RNGs: rebuild from the seeds
+        # unpickling may have moved the RNGs: rebuild from the seeds, with this attempt's loggers
+        evaluator = getattr(session.strategy, "evaluator", None) if session.loggers else None
+        fresh = _Session._build(resolved, False, evaluator or _evaluator(), session.loggers)
         session.__dict__.update(fresh.__dict__)
         return None
     if loop.get("config_hash") != config_hash(resolved.to_dict()) or loop.get("n_steps") != len(session.steps):
         raise ConfigError(f"checkpoint {path} belongs to another run config; delete it to start this run afresh")
-    loop["resumes"].append({"from_step": loop["next_step"], "at": utc_now(), "host": socket.gethostname()})
     return loop
 
 
-def _save_checkpoint(path: Path, session: _Session, loop: dict[str, Any]) -> Path | None:
+def _save_checkpoint(path: Path, session: _Session, loop: dict[str, Any], attempts: list) -> Path | None:
     """Checkpoint after a step; on failure warn once and go on without checkpoints (returns None)."""
-    import sys
-
     from clcompose.bench.runs import checkpoint
 
-    summary = {"config_hash": loop["config_hash"], "next_step": loop["next_step"], "n_steps": loop["n_steps"]}
+    summary = {
+        "config_hash": loop["config_hash"],
+        "next_step": loop["next_step"],
+        "n_steps": loop["n_steps"],
+        "attempts": attempts,
+    }
     try:
         checkpoint.save(path, session.strategy, loop, summary)
         return path
@@ -284,8 +280,6 @@ def _record(
         record["artifacts"] = artifacts
     if loop.get("step_metrics"):
         record["step_metrics"] = loop["step_metrics"]
-    if loop["resumes"]:
-        record["resumes"] = loop["resumes"]
     return record
 
 
@@ -303,24 +297,97 @@ def checkpoint_path_for(record_path: str | Path) -> Path:
     return record_path.with_name(f"{record_path.stem}.{CHECKPOINT_NAME}")
 
 
+def log_dir_for(record_path: str | Path) -> Path:
+    """Where the loggers of the run that writes ``record_path`` write: ``logs/`` in a run folder."""
+    record_path = Path(record_path)
+    return record_path.with_name("logs" if record_path.name == "record.json" else f"{record_path.stem}.logs")
+
+
+class CellBusyError(ConfigError):
+    """Another live process holds the run's lock (it is training the same cell right now)."""
+
+
 def run(
     config: RunConfig | dict, out: str | Path | None = None, runs_dir: str | Path = "runs", progress: bool = True
 ) -> tuple[Path, dict]:
     """Validate, refuse an existing output path, train, and write the record atomically (never overwriting).
 
-    The run checkpoints next to the record after every experience and resumes from such a checkpoint when one
-    is there (an earlier, interrupted attempt); the checkpoint is deleted once the record is written.
+    ``out`` is a record path, or a folder (ending in ``/`` or existing) that gets ``record.json``; by default
+    the record goes to the shared store, ``RUNS_DIR/<run id>/record.json``. The run holds the same per-cell
+    lock as a sweep's worker, so of two identical runs at once the second stops at once (:class:`CellBusyError`,
+    one line, exit 2) and leaves nothing behind. In the store, a record that is not complete (truncated,
+    corrupted) is moved aside (``record.json.corrupt-<UTC time>``) and the cell runs again; an explicit ``out``
+    that exists is never touched. The run checkpoints next to the record after every experience and resumes
+    from such a checkpoint when one is there (an earlier, interrupted attempt); the checkpoint is deleted once
+    the record is written, and temporary files that killed writers left are cleaned up.
     """
-    from clcompose.bench.io import RecordExistsError, write_json_atomic
-    from clcompose.bench.runs import checkpoint
+    from clcompose.bench.io import RecordExistsError, check_folder_path, record_path_from
 
     cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
     resolved = cfg.resolve()
-    path = Path(out) if out is not None else default_record_path(resolved, runs_dir)
-    if path.exists():
+    in_store = out is None
+    if in_store:
+        check_folder_path(runs_dir, "runs folder")
+        path = default_record_path(resolved, runs_dir)
+    else:
+        path = record_path_from(out)
+    if path.exists() and not (in_store and _damaged(path)):
         raise RecordExistsError(f"{path} already exists; records are never overwritten (choose another --out)")
-    ckpt = checkpoint_path_for(path)
-    record = execute(resolved, progress=progress, artifacts_dir=path.parent, checkpoint_path=ckpt)
-    write_json_atomic(path, record)
-    checkpoint.remove(ckpt)
-    return path, record
+    return path, _run_locked(resolved, path, in_store, progress)
+
+
+def _damaged(path: Path) -> bool:
+    from clcompose.bench.runs.folder import record_problem
+
+    return record_problem(path) is not None
+
+
+def _run_locked(resolved: ResolvedRun, path: Path, in_store: bool, progress: bool) -> dict:
+    from clcompose.bench.io import RecordExistsError, read_json, write_json_atomic
+    from clcompose.bench.runs import checkpoint
+    from clcompose.bench.runs.folder import (
+        FAILED,
+        RUNNING,
+        CellLock,
+        clean_stale_temporaries,
+        move_aside_damaged,
+        whoami,
+    )
+
+    lock = CellLock.for_record(path)
+    try:
+        acquired = lock.acquire()
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run folder {path.parent}: {exc.strerror}") from None
+    in_run_folder = path.name == "record.json"
+    if not acquired:
+        holder = read_json(path.parent / RUNNING) or {}
+        who = f" by pid {holder.get('pid')} on {holder.get('host')}" if holder else ""
+        raise CellBusyError(
+            f"{path.parent} is being run{who} right now; nothing was done (wait for its record, or choose another --out)"
+        )
+    try:
+        if path.exists():  # looked at again under the lock
+            moved = move_aside_damaged(path) if in_store else None
+            if moved is None:
+                raise RecordExistsError(f"{path} already exists; records are never overwritten (choose another --out)")
+            print(
+                f"bench: warning: {path} was {moved[1]}; moved it aside to {moved[0].name} and running the cell again",
+                file=sys.stderr,
+            )
+        clean_stale_temporaries(path)
+        if in_run_folder:
+            (path.parent / FAILED).unlink(missing_ok=True)
+            write_json_atomic(path.parent / RUNNING, whoami() | {"started": time.time(), "step": None}, overwrite=True)
+        ckpt = checkpoint_path_for(path)
+        record = execute(
+            resolved, progress=progress, artifacts_dir=path.parent, checkpoint_path=ckpt, log_dir=log_dir_for(path)
+        )
+        write_json_atomic(path, record)
+        checkpoint.remove(ckpt)
+        clean_stale_temporaries(path)
+        return record
+    finally:
+        if in_run_folder:
+            (path.parent / RUNNING).unlink(missing_ok=True)
+        lock.release()

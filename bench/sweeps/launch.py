@@ -24,8 +24,9 @@ from typing import Any
 
 import submitit
 
-from clcompose.bench.io import read_json, utc_now, write_json_atomic
+from clcompose.bench.io import ensure_writable_folder, read_json, resource_dir, utc_now, write_json_atomic
 from clcompose.bench.runs import checkpoint
+from clcompose.bench.runs.folder import is_complete_record
 from clcompose.bench.sweeps import store
 from clcompose.bench.sweeps.processes import captured_stderr, child_output_to, inherited_environment
 from clcompose.bench.sweeps.reports import CellReport, SweepReport, status_table
@@ -61,10 +62,18 @@ class SweepWorker(submitit.helpers.Checkpointable):
         Returns one outcome per task (see :func:`~clcompose.bench.sweeps.worker.run_cell`), which the sweep reports.
         """
         os.environ.update(self.environment)  # before torch starts its thread pools
-        return [
-            run_cell(t.config, t.hash, Path(t.run_dir), progress=self.progress) | {"hash": t.hash, "label": t.label}
-            for t in tasks
-        ]
+        return [self._run(t) | {"hash": t.hash, "label": t.label} for t in tasks]
+
+    def _run(self, task: Task) -> dict[str, Any]:
+        """One cell; whatever escapes run_cell's own handling fails that cell only, never the job's others."""
+        try:
+            return run_cell(task.config, task.hash, Path(task.run_dir), progress=self.progress)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "UncompletedJobError":
+                raise
+            return {"status": "failed", "run_dir": task.run_dir, "error": f"{type(exc).__name__}: {exc}"}
 
     def checkpoint(self, tasks: list[Task]) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2 (time-out or preemption) before the job is requeued.
@@ -145,6 +154,23 @@ def describe(sweep: Sweep, kind: str, states: dict[str, store.CellState]) -> str
         )
         lines.append(sbatch_preview(sweep, max(n_tasks, 1)))
     return "\n".join(lines)
+
+
+def profile_warnings(sweep: Sweep, kind: str) -> list[str]:
+    """What a SLURM submission would likely trip on, said before it happens (dry-run and submission)."""
+    p = sweep.profile
+    if kind != "slurm" or p.account is not None:
+        return []
+    template = sweep.profile_path.resolve().parent == resource_dir("profiles").resolve() and (
+        sweep.profile_path.stem == "cluster-gpu"
+    )
+    if not (template or p.gpus_per_node):
+        return []
+    what = "the template profile cluster-gpu" if template else f"profile {sweep.profile_path.stem}"
+    return [
+        f"{what} sets no account (account: null); most GPU clusters refuse jobs without one: copy "
+        f"{sweep.profile_path} and set account (and partition), then pass it with --profile"
+    ]
 
 
 def _submission_error(exc: Exception, sweep: Sweep) -> ConfigError:
@@ -250,7 +276,7 @@ def _watch(
     try:
         while True:
             for h, c in list(pending.items()):
-                if c.record_path.exists():
+                if is_complete_record(c.record_path):
                     del pending[h]
                     bar.update()
                     if progress:
@@ -290,9 +316,12 @@ def launch(
     kind = kind or sweep.profile.executor
     queued = store.squeue_states() if kind == "slurm" or dry_run else {}
     states = {c.hash: store.cell_state(c.run_dir, queued) for c in sweep.cells}
+    for line in profile_warnings(sweep, kind):
+        print(f"bench: warning: {line}", file=sys.stderr)
     if dry_run:
         print(describe(sweep, kind, states), file=out or sys.stdout)
         return None
+    ensure_writable_folder(sweep.output, "runs folder")  # one line now, not a traceback in every worker
     todo, reports, busy = [], {}, {}
     for c in sweep.cells:
         st = states[c.hash]
@@ -334,7 +363,7 @@ def launch(
             )
             raise
     ours = {str(j.job_id) for j in jobs}
-    job_error, ran_here = {}, set()
+    job_error, ran_here, outcome_of = {}, set(), {}
     for job, group in zip(jobs, groups):
         outcomes, error = _job_outcome(job)
         for o in outcomes or []:
@@ -342,32 +371,48 @@ def launch(
                 ran_here.add(o["hash"])
             elif o["status"] == "busy" and (o.get("holder") or {}).get("job_id") not in ours:
                 busy[o["hash"]] = o["holder"]
+            if o["status"] in ("done", "failed"):
+                outcome_of[o["hash"]] = o
         if error is not None:
             for task in group:
                 job_error.setdefault(task.hash, error)
     for c in sweep.cells:
         if reports.get(c.hash) is None or reports[c.hash].status == "busy":
-            reports[c.hash] = _final_report(c, ours, ran_here, job_error, busy)
+            reports[c.hash] = _final_report(c, ours, ran_here, job_error, busy, outcome_of.get(c.hash) or {})
     return SweepReport(sweep, kind, [reports[c.hash] for c in sweep.cells], sorted(ours))
 
 
 def _final_report(
-    c: Cell, ours: set[str], ran_here: set[str], job_error: dict[str, str], busy: dict[str, dict]
+    c: Cell,
+    ours: set[str],
+    ran_here: set[str],
+    job_error: dict[str, str],
+    busy: dict[str, dict],
+    outcome: dict[str, Any],
 ) -> CellReport:
-    if c.record_path.exists():
+    moved = (
+        f"{store.RECORD} was {outcome['problem']}; moved aside to {outcome['moved_aside']}"
+        if outcome.get("moved_aside")
+        else ""
+    )
+    if is_complete_record(c.record_path):
         if c.hash in ran_here:
-            return CellReport(c, "done")
+            return CellReport(c, "done", moved_aside=moved)
         writer = ((read_json(c.record_path) or {}).get("environment") or {}).get("job_id")
         if writer is not None and writer in ours:  # written by one of our jobs that died afterwards
             return CellReport(c, "done")
         return CellReport(c, "by-other", f"record written by {'job ' + writer if writer else 'another process'}")
     failed = read_json(c.run_dir / store.FAILED)
     if failed is not None:
-        return CellReport(c, "failed", f"{failed.get('error')} (traceback: {c.run_dir / store.FAILED})")
-    progress = checkpoint.peek(c.run_dir / checkpoint.CHECKPOINT_NAME)
+        return CellReport(
+            c, "failed", f"{failed.get('error')} (traceback: {c.run_dir / store.FAILED})", moved_aside=moved
+        )
+    if outcome.get("status") == "failed":  # no failed.json: the folder could not be written
+        return CellReport(c, "failed", str(outcome.get("error")), moved_aside=moved)
+    progress = checkpoint.peek(c.run_dir / checkpoint.CHECKPOINT_NAME) or {}
     resume = (
         f"; {progress['next_step']}/{progress['n_steps']} experiences are checkpointed, re-run the sweep to resume"
-        if progress
+        if "n_steps" in progress
         else "; re-run the sweep to run it"
     )
     if c.hash in job_error:

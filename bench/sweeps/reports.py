@@ -13,6 +13,7 @@ class CellReport:
     cell: Cell
     status: str  # done | already-done | by-other | failed | lost | busy
     detail: str = ""
+    moved_aside: str = ""  # a damaged record was moved out of the way before the cell ran again
 
 
 @dataclasses.dataclass
@@ -50,11 +51,15 @@ class SweepReport:
         return f"sweep {self.sweep.name}: {n} cells: {', '.join(parts)} → {self.sweep.output}"
 
     def problems(self) -> list[str]:
-        return [
-            f"{c.status}: {c.cell.label} [{c.cell.hash[:10]}]: {c.detail}"
-            for c in self.cells
-            if c.status in ("failed", "lost", "busy")
-        ]
+        """One line per cell that failed, was lost or is busy, and per damaged record that was moved aside."""
+        lines = []
+        for c in self.cells:
+            if c.moved_aside:
+                ran = "the cell ran again" if c.status == "done" else f"the cell ran again and {c.status}"
+                lines.append(f"repaired: {c.cell.label} [{c.cell.hash[:10]}]: {c.moved_aside}; {ran}")
+            if c.status in ("failed", "lost", "busy"):
+                lines.append(f"{c.status}: {c.cell.label} [{c.cell.hash[:10]}]: {c.detail}")
+        return lines
 
 
 def status_table(sweep: Sweep, states: dict[str, store.CellState]) -> list[str]:

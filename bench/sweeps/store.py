@@ -8,77 +8,28 @@ A run folder holds, over its life::
     job.json         the scheduler job the cell was submitted in (slurm)
     failed.json      the error of the last failed attempt (type, message, traceback)
     record.json      the result (JSON; written once, atomically, never overwritten)
+    record.json.corrupt-<UTC time>   a damaged record, moved aside by the run that ran the cell again
+    logs/            the loggers of ``train.loggers``, if any
 
-Cell states, as ``bench status`` shows them: **done** (record written), **running** (a live process holds the
-cell, or its scheduler job is queued), **failed** (the last attempt raised or was killed), **missing** (not run
-yet, possibly with a checkpoint to resume from).
+Cell states, as ``bench status`` shows them: **done** (complete record written), **running** (a live process
+holds the cell, or its scheduler job is queued), **failed** (the last attempt raised or was killed, or the
+record is damaged: the next run moves it aside), **missing** (not run yet, possibly with a checkpoint to resume
+from). The lock and the folder's housekeeping live in :mod:`clcompose.bench.runs.folder`, shared with ``bench run``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
-import socket
-import time
 from pathlib import Path
-from typing import Any
 
 from clcompose.bench.io import read_json
 from clcompose.bench.runs import checkpoint
-from clcompose.bench.runs.record import current_job_id
+from clcompose.bench.runs.folder import LOCK, CellLock, is_alive, record_problem, whoami
 
-RECORD, RUNNING, FAILED, JOB, LOCK = "record.json", "running.json", "failed.json", "job.json", ".lock"
+RECORD, RUNNING, FAILED, JOB = "record.json", "running.json", "failed.json", "job.json"
 STATES = ("done", "running", "failed", "missing")
-
-
-def _process_start(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks since boot
-
-
-def whoami() -> dict[str, Any]:
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid), "job_id": current_job_id()}
-
-
-def is_alive(holder: dict[str, Any]) -> bool | None:
-    """Whether the process in ``holder`` still runs: True/False on this host, None (unknown) elsewhere."""
-    if holder.get("host") != socket.gethostname():
-        return None
-    pid = holder.get("pid")
-    return isinstance(pid, int) and _process_start(pid) is not None and _process_start(pid) == holder.get("pid_start")
-
-
-class CellLock:
-    """An exclusive, non-blocking flock on ``<run folder>/.lock``; released when the holder exits or dies."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK
-        self._fd: int | None = None
-
-    def acquire(self, wait_s: float = 0.0) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._fd = fd
-                return True
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    return False
-                time.sleep(0.5)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+__all__ = ["LOCK", "CellLock", "CellState", "cell_state", "is_alive", "squeue_states", "whoami"]
 
 
 @dataclasses.dataclass
@@ -92,12 +43,14 @@ def cell_state(run_dir: Path, queued: dict[str, str] | None = None) -> CellState
     run_dir = Path(run_dir)
     record = run_dir / RECORD
     if record.exists():
-        rec = read_json(record)
-        if rec is None or "metrics" not in rec:
-            return CellState("failed", f"{record} is unreadable (truncated?)")
-        return CellState("done", f"final accuracy {rec['metrics'].get('final_average_accuracy', float('nan')):.4f}")
-    progress = checkpoint.peek(run_dir / checkpoint.CHECKPOINT_NAME)
-    done_steps = f"{progress['next_step']}/{progress['n_steps']} experiences done" if progress else ""
+        problem = record_problem(record)
+        if problem is not None:  # the next run moves it aside (record.json.corrupt-<time>) and runs the cell again
+            return CellState("failed", f"{RECORD} is {problem}; a re-run moves it aside and runs the cell again")
+        rec = read_json(record) or {}
+        accuracy = rec["metrics"].get("final_average_accuracy")
+        return CellState("done", f"final accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else "")
+    progress = checkpoint.peek(run_dir / checkpoint.CHECKPOINT_NAME) or {}
+    done_steps = f"{progress['next_step']}/{progress['n_steps']} experiences done" if "n_steps" in progress else ""
     running = read_json(run_dir / RUNNING)
     if running is not None and is_alive(running) is not False:
         where = f"pid {running.get('pid')} on {running.get('host')}" + (

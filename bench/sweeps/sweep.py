@@ -6,6 +6,7 @@ A sweep file is YAML::
     output: runs/digits              # optional (default: runs/<name>); relative to the working directory
     cluster: local                   # a profile under slurm/profiles/ (or a path); --profile overrides it
     seeds: [0, 1, 2]                 # or a count: 3
+    max_cells: 10000                 # optional: the most cells the file may expand to (default 10,000)
     stream_seed: seed                # class order per seed (default) or one fixed integer for every run
     benchmarks: {split-digits: {n_experiences: 5, per_class: 40}}
     backbones: {small-cnn: {source: digits, pretrain_epochs: 1}}
@@ -24,10 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clcompose.bench.io import read_yaml_mapping
+from clcompose.bench.io import check_folder_path, read_yaml_mapping
 from clcompose.strategies.core.registry import ConfigError
 
 SWEEP_KEYS = (
@@ -37,11 +41,15 @@ SWEEP_KEYS = (
     "cluster",
     "seeds",
     "stream_seed",
+    "max_cells",
     "benchmarks",
     "backbones",
     "strategies",
     "train",
 )
+MAX_CELLS = 10_000  # a larger expansion is refused unless the file raises max_cells (a typo like seeds: 100000)
+NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")  # one plain folder name: no '/', no '..', no hidden folder
+SEED_LIMIT = 2**32
 AXES = (("benchmarks", "benchmark"), ("backbones", "backbone"), ("strategies", "strategy"))
 
 
@@ -72,16 +80,20 @@ class Sweep:
     cells: list[Cell]
 
 
-def _seeds(value: Any, where: str) -> list[int]:
+def _seeds(value: Any, where: str) -> Sequence[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 1:
             raise ConfigError(f"{where}: seeds must be a positive count or a list of seeds, got {value}")
-        return list(range(value))
+        if value > SEED_LIMIT:
+            raise ConfigError(f"{where}: seeds must be a count of at most 2**32 seeds, got {value}")
+        return range(value)  # a lazy range: the cell count is checked before anything is expanded
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{where}: seeds must be a positive count or a non-empty list of seeds, got {value!r}")
     for s in value:
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise ConfigError(f"{where}: seeds must be non-negative integers, got {s!r}")
+        if s >= SEED_LIMIT:
+            raise ConfigError(f"{where}: seeds must be below 2**32 = {SEED_LIMIT} (NumPy's seed range), got {s}")
     if len(set(value)) != len(value):
         raise ConfigError(f"{where}: seeds has duplicates: {value}")
     return list(value)
@@ -109,8 +121,7 @@ def _axis(data: dict[str, Any], key: str, where: str) -> list[tuple[str, dict[st
     return out
 
 
-def grid(options: dict[str, Any], where: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Expand ``{key: {grid: [a, b]}}`` values: ``[(options, {key: a}), (options, {key: b})]`` (varied keys second)."""
+def _grid_axes(options: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, list]]:
     fixed, axes = {}, {}
     for key, value in options.items():
         if isinstance(value, dict) and set(value) == {"grid"}:
@@ -120,11 +131,22 @@ def grid(options: dict[str, Any], where: str) -> list[tuple[dict[str, Any], dict
             axes[key] = values
         else:
             fixed[key] = value
+    return fixed, axes
+
+
+def grid(options: dict[str, Any], where: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Expand ``{key: {grid: [a, b]}}`` values: ``[(options, {key: a}), (options, {key: b})]`` (varied keys second)."""
+    fixed, axes = _grid_axes(options, where)
     combos = []
     for values in itertools.product(*axes.values()):
         varied = dict(zip(axes, values))
         combos.append((fixed | varied, varied))
     return combos
+
+
+def grid_size(options: dict[str, Any], where: str) -> int:
+    """How many combinations :func:`grid` would give, without building them."""
+    return math.prod(len(v) for v in _grid_axes(options, where)[1].values())
 
 
 def _resolve(config: dict[str, Any], where: str, label: str):
@@ -144,39 +166,96 @@ def _resolve(config: dict[str, Any], where: str, label: str):
         raise ConfigError(f"{where}: {label}: {message}{hint}") from None
 
 
-def expand(data: dict[str, Any], profile: Any, output: Path, where: str) -> list[Cell]:
-    """All cells of a parsed sweep file, in a stable order (benchmark, backbone, seed, strategy, grid)."""
+def _strategy_parts(axis: list[tuple[str, dict[str, Any]]], where: str) -> list[tuple[str, dict, dict, dict]]:
+    """``(name, own options, train overrides, backbone overrides)`` per entry of the strategies axis."""
+    parts = []
+    for name, opts in axis:
+        opts = dict(opts)
+        strat_train = opts.pop("train", None) or {}
+        if not isinstance(strat_train, dict):
+            raise ConfigError(
+                f"{where}: strategies.{name}.train must be a mapping of training options, got {strat_train!r}"
+            )
+        strat_backbone = opts.pop("backbone", None) or {}
+        if not isinstance(strat_backbone, dict):
+            raise ConfigError(
+                f"{where}: strategies.{name}.backbone must be a mapping of backbone options, got {strat_backbone!r}"
+            )
+        parts.append((name, opts, strat_train, strat_backbone))
+    return parts
+
+
+def _apply_overrides(axes: dict[str, list], overrides: dict[str, dict[str, Any]], where: str) -> dict[str, Any]:
+    """Merge ``--set`` values into every component of the sweep that has that option (``train.*``: every cell);
+    returns the train overrides. A value no component of the sweep takes is an error."""
+    from clcompose.bench.data.benchmarks import BENCHMARKS
+    from clcompose.bench.models.backbones import BACKBONES
+    from clcompose.strategies.core.registry import STRATEGIES
+
+    registries = {"benchmark_options": ("benchmarks", BENCHMARKS), "backbone_options": ("backbones", BACKBONES)}
+    registries["strategy_options"] = ("strategies", STRATEGIES)
+    for section, values in overrides.items():
+        if section == "train" or not values:
+            continue
+        key, registry = registries[section]
+        used: set[str] = set()
+        entries = []
+        for name, opts in axes[key]:
+            fields = set(registry[name].options.field_names())
+            taken = {k: v for k, v in values.items() if k in fields}
+            used |= set(taken)
+            entries.append((name, opts | taken))
+        axes[key] = entries
+        unused = sorted(set(values) - used)
+        if unused:
+            kind = section.removesuffix("_options")
+            raise ConfigError(
+                f"{where}: --set {kind}.{unused[0]}: no {kind} of the sweep ({', '.join(n for n, _ in entries)}) "
+                f"has an option {unused[0]!r}"
+            )
+    return dict(overrides.get("train") or {})
+
+
+def expand(
+    data: dict[str, Any],
+    profile: Any,
+    output: Path,
+    where: str,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> list[Cell]:
+    """All cells of a parsed sweep file, in a stable order (benchmark, backbone, seed, strategy, grid).
+
+    ``overrides`` (``--set``, as :func:`clcompose.bench.cli.main.parse_assignments` gives them) apply to every
+    cell. More than ``max_cells`` cells (default :data:`MAX_CELLS`) are refused before any is built.
+    """
     from clcompose.bench.runs.config import config_hash
 
     seeds = _seeds(data.get("seeds"), where)
     stream_seed = data.get("stream_seed", "seed")
     if stream_seed != "seed" and (isinstance(stream_seed, bool) or not isinstance(stream_seed, int) or stream_seed < 0):
         raise ConfigError(f"{where}: stream_seed must be 'seed' or a non-negative integer, got {stream_seed!r}")
+    if stream_seed != "seed" and stream_seed >= SEED_LIMIT:
+        raise ConfigError(
+            f"{where}: stream_seed must be below 2**32 = {SEED_LIMIT} (NumPy's seed range), got {stream_seed}"
+        )
     axes = {key: _axis(data, key, where) for key, _ in AXES}
     train = data.get("train") or {}
     if not isinstance(train, dict):
         raise ConfigError(f"{where}: train must be a mapping of training options, got {train!r}")
+    train_override = _apply_overrides(axes, overrides or {}, where) if overrides else {}
+    strategies = _strategy_parts(axes["strategies"], where)
+    _check_size(data, seeds, axes, strategies, train, train_override, where)
 
     cells: list[Cell] = []
     seen: dict[str, str] = {}
     for (bench_name, bench_opts), (bb_name, bb_opts) in itertools.product(axes["benchmarks"], axes["backbones"]):
-        for seed, (strat_name, strat_opts) in itertools.product(seeds, axes["strategies"]):
-            strat_opts = dict(strat_opts)
-            strat_train = strat_opts.pop("train", None) or {}
-            if not isinstance(strat_train, dict):
-                raise ConfigError(
-                    f"{where}: strategies.{strat_name}.train must be a mapping of training options, got {strat_train!r}"
-                )
-            strat_backbone = strat_opts.pop("backbone", None) or {}
-            if not isinstance(strat_backbone, dict):
-                raise ConfigError(
-                    f"{where}: strategies.{strat_name}.backbone must be a mapping of backbone options, got {strat_backbone!r}"
-                )
+        for seed, (strat_name, strat_opts, strat_train, strat_backbone) in itertools.product(seeds, strategies):
+            backbone_override = {k: v for k, v in bb_opts.items() if k in (overrides or {}).get("backbone_options", {})}
             for (bo, bv), (ko, kv), (so, sv), (to, tv) in itertools.product(
                 grid(bench_opts, f"{where}: benchmarks.{bench_name}"),
-                grid(bb_opts | strat_backbone, f"{where}: backbones.{bb_name}"),
+                grid(bb_opts | strat_backbone | backbone_override, f"{where}: backbones.{bb_name}"),
                 grid(strat_opts, f"{where}: strategies.{strat_name}"),
-                grid(train | strat_train, f"{where}: train"),
+                grid(train | strat_train | train_override, f"{where}: train"),
             ):
                 varied = " ".join(f"{k}={v}" for k, v in (bv | kv | sv | tv).items())
                 label = " ".join(filter(None, [bench_name, bb_name, strat_name, varied, f"s{seed}"]))
@@ -205,8 +284,35 @@ def expand(data: dict[str, Any], profile: Any, output: Path, where: str) -> list
     return cells
 
 
-def load_sweep(path: str | Path, profile: str | None = None, runs_dir: str | Path | None = None) -> Sweep:
-    """Read, validate and expand a sweep file (``profile`` and ``runs_dir`` override its cluster and output)."""
+def _check_size(data, seeds, axes, strategies, train, train_override, where: str) -> None:
+    """Refuse an expansion beyond ``max_cells`` before building any cell (a dry-run of 100,000 cells took 38 s)."""
+    limit = data.get("max_cells", MAX_CELLS)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"{where}: max_cells must be a positive integer, got {limit!r}")
+    n_bench = sum(grid_size(o, f"{where}: benchmarks.{n}") for n, o in axes["benchmarks"])
+    per_seed = sum(
+        grid_size(bb_opts | strat_backbone, f"{where}: backbones.{bb}")
+        * grid_size(strat_opts, f"{where}: strategies.{name}")
+        * grid_size(train | strat_train | train_override, f"{where}: train")
+        for bb, bb_opts in axes["backbones"]
+        for name, strat_opts, strat_train, strat_backbone in strategies
+    )
+    count = n_bench * per_seed * len(seeds)
+    if count > limit:
+        raise ConfigError(
+            f"{where}: expands to {count:,} cells ({len(seeds):,} seeds), more than max_cells = {limit:,}; "
+            f"if you mean it, add `max_cells: {count}` to the sweep file"
+        )
+
+
+def load_sweep(
+    path: str | Path,
+    profile: str | None = None,
+    runs_dir: str | Path | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Sweep:
+    """Read, validate and expand a sweep file (``profile`` and ``runs_dir`` override its cluster and output,
+    ``overrides`` (``--set``) the options of every cell)."""
     from clcompose.bench.sweeps.profiles import load_profile
 
     path = Path(path)
@@ -216,8 +322,11 @@ def load_sweep(path: str | Path, profile: str | None = None, runs_dir: str | Pat
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SWEEP_KEYS)}")
     name = data.get("name", path.stem)
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise ConfigError(f"{where}: name must be a non-empty string without '/', got {name!r}")
+    if not isinstance(name, str) or not NAME.match(name) or name in (".", ".."):
+        raise ConfigError(
+            f"{where}: name must be a plain folder name (letters, digits and . _ + -, not starting with '.' or '-'; "
+            f"no '/'), got {name!r}"
+        )
     cluster = profile or data.get("cluster", "local")
     if not isinstance(cluster, str):
         raise ConfigError(f"{where}: cluster must name a profile, got {cluster!r}")
@@ -225,6 +334,7 @@ def load_sweep(path: str | Path, profile: str | None = None, runs_dir: str | Pat
     output = runs_dir if runs_dir is not None else data.get("output", f"runs/{name}")
     if not isinstance(output, (str, Path)) or not str(output).strip():
         raise ConfigError(f"{where}: output must be a folder path, got {output!r}")
-    output = Path(output).expanduser().absolute()
-    cells = expand(data, prof, output, where)
+    what = "--runs-dir" if runs_dir is not None else f"{where}: output"
+    output = check_folder_path(Path(output).expanduser(), what).absolute()
+    cells = expand(data, prof, output, where, overrides)
     return Sweep(name=name, path=path, output=output, profile=prof, profile_path=prof_path, cells=cells)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
+import re
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -119,11 +121,18 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value  # exact, however large (float() would round or overflow)
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+            try:
+                return int(value)  # exact (float() would round)
+            except ValueError:  # beyond Python's limit on digits converted from a string
+                raise ConfigError(f"{where} must be an integer of reasonable size, got {len(value)} digits") from None
         try:
             as_float = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where} must be an integer, got {value!r}") from None
-        if not as_float.is_integer():
+        if not as_float.is_integer():  # also NaN and ±inf
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return int(as_float)
     if hint is float:
@@ -133,8 +142,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             out = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
-        if out != out:
-            raise ConfigError(f"{where} must be a number, got NaN")
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(f"{where} must be a finite number, got an integer of {value.bit_length()} bits") from None
+        if not math.isfinite(out):  # NaN, ±inf, and literals beyond the float range such as 1e400
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return out
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
