@@ -26,6 +26,13 @@ def _source_checkout() -> Path | None:
 REPO_ROOT: Path | None = _source_checkout()
 """The repository the code runs from, or None for an installed wheel."""
 
+
+def cache_dir() -> Path:
+    """Root of the suite's caches (``$BENCH_CACHE`` or ``~/.cache/clcompose``): pre-trained backbones, the
+    ``bench list`` description."""
+    return Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "clcompose")).expanduser()
+
+
 _RESOURCES = {"profiles": ("slurm/profiles", "profiles"), "examples": ("examples", "examples")}
 
 

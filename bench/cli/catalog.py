@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import types
 import typing
 from pathlib import Path
@@ -34,8 +33,9 @@ def _source_fingerprint() -> str:
 
 
 def _cache_file(fingerprint: str) -> Path:
-    root = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "clcompose")).expanduser()
-    return root / "catalog" / f"{fingerprint}.json"
+    from clcompose.bench.io import cache_dir
+
+    return cache_dir() / "catalog" / f"{fingerprint}.json"
 
 
 def type_name(hint: Any) -> str:
@@ -87,20 +87,16 @@ def build_catalog() -> dict[str, Any]:
 
 def catalog(refresh: bool = False) -> dict[str, Any]:
     """The cached description, rebuilt when the source changed (or ``refresh``)."""
+    from clcompose.bench.io import read_json, write_json_atomic
+
     path = _cache_file(_source_fingerprint())
     if not refresh:
-        try:
-            data = json.loads(path.read_text())
-            if data.get("version") == CATALOG_VERSION:
-                return data
-        except (OSError, ValueError, AttributeError):
-            pass
+        data = read_json(path)
+        if data is not None and data.get("version") == CATALOG_VERSION:
+            return data
     data = build_catalog()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        write_json_atomic(path, data, overwrite=True)
     except OSError:  # an unwritable cache only costs speed
         pass
     return data

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clcompose.bench.io import cache_dir
 from clcompose.strategies.core.registry import ConfigError, Options, Registry
 
 # modules that register backbones of their own, imported on the first lookup
@@ -25,11 +26,6 @@ BACKBONES: Registry = Registry(
     "backbone", modules=("clcompose.bench.models.vit", "clcompose.bench.models.template_mixture")
 )
 CACHE_VERSION = 1  # bump when the small CNN's architecture or pre-training code changes
-
-
-def cache_dir() -> Path:
-    """Root of the content-addressed cache (``$BENCH_CACHE`` or ``~/.cache/clcompose``)."""
-    return Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "clcompose")).expanduser()
 
 
 class FrozenBatchNormMixin:
