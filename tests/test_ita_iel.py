@@ -1,6 +1,7 @@
 """ITA, IEL and task arithmetic as strategies: training forward, equivalences, end-to-end runs, skills."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -126,3 +127,74 @@ def test_invalid_hyperparameters_are_clear_errors(option, value, message):
         STRATEGIES["ita"].options.from_dict({option: value})
     with pytest.raises(ConfigError, match="beta must be >= 0"):
         STRATEGIES["iel"].options.from_dict({"beta": -0.1})
+
+
+def preset_config(strategy: str, **options) -> dict:
+    """The reference preset on digits: batch 2 so that an epoch holds two virtual batches of 16 (+1)."""
+    cfg = json.loads(json.dumps(DIGITS))
+    cfg["strategy"] = strategy
+    cfg["strategy_options"] = {"preset": "reference", "rank": 2, "diagnostics_examples": 20} | options
+    cfg["train"] = cfg["train"] | {"batch_size": 2}
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "strategy, tuning", [("ita", "full"), ("ita", "lora"), ("ita", "ia3"), ("iel", "lora"), ("task-arithmetic", "lora")]
+)
+def test_preset_reference_runs_end_to_end(strategy, tuning, tmp_path):
+    _, rec = run(preset_config(strategy, tuning=tuning), runs_dir=tmp_path, progress=False)
+    opts = rec["config"]["strategy_options"]
+    assert opts["preset"] == "reference" and opts["reg_step"] == "decoupled" and opts["fisher"] == "exact"
+    assert rec["config"]["train"]["virtual_batch"] is None  # left to the preset, which resolved it:
+    extras = rec["strategy_extras"]
+    assert extras["virtual_batch"] == 16 and extras["virtual_batch_quirk"] is True
+    # per experience ~72 (or 96) examples = 36 (48) mini-batches: steps after 17 and 33, two epochs
+    assert all(n in (4, 6) for n in extras["optimizer_steps"]) and len(extras["optimizer_steps"]) == 3
+    assert [s["experience"] for s in extras["stability"]] == [0, 1, 2]
+    # (task arithmetic under the preset: random heads never aligned, so only validity is asserted)
+    assert rec["metrics"]["final_average_accuracy"] > (1 / 6 if strategy != "task-arithmetic" else 0)
+
+
+@pytest.mark.parametrize("strategy, tuning", [("ita", "full"), ("ita", "lora"), ("ita", "ia3"), ("iel", "lora")])
+def test_proximal_regulariser_step_runs_and_stays_bounded_at_a_huge_strength(strategy, tuning, tmp_path):
+    strength = {"alpha": 1e4} if strategy == "ita" else {"beta": 1e4}
+    _, prox = run(config(strategy, tuning=tuning, reg_step="proximal", **strength), runs_dir=tmp_path, progress=False)
+    extras = prox["strategy_extras"]
+    assert max(s["stability"] for s in extras["stability"]) > 2  # the explicit step would be unstable here
+    assert extras["warnings"] == []  # … but it is not the step in use
+    assert all(math.isfinite(n) and n < 10 for n in extras["diagnostics"][-1]["tau_norm"])
+    assert prox["metrics"]["final_average_accuracy"] > 1 / 6
+
+
+def test_an_unstable_explicit_step_warns_once_in_log_and_record(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="clcompose.task_vectors"):
+        _, rec = run(config("ita", tuning="full", reg_step="decoupled", alpha=1e4), runs_dir=tmp_path, progress=False)
+    stab = rec["strategy_extras"]["stability"]
+    assert stab[0]["stability"] < 1 < 2 < stab[1]["stability"]  # experience 0: F̂ = ε only
+    warnings = rec["strategy_extras"]["warnings"]
+    assert len(warnings) == 1 and "experience 1" in warnings[0] and "stability number" in warnings[0]
+    assert [r.getMessage() for r in caplog.records if "stability number" in r.getMessage()] == warnings
+
+
+def test_a_virtual_batch_is_refused_by_strategies_that_do_not_accumulate(tmp_path):
+    from clcompose.strategies.core.registry import ConfigError
+
+    cfg = config("ita") | {"strategy": "naive", "strategy_options": {}}
+    cfg["train"] = cfg["train"] | {"virtual_batch": 4}
+    with pytest.raises(ConfigError, match="virtual_batch"):
+        run(cfg, runs_dir=tmp_path, progress=False)
+
+
+def test_resume_of_a_preset_reference_run_is_identical(tmp_path, monkeypatch):
+    from tests.test_resume import Killed, kill_after
+
+    cfg = preset_config("ita", tuning="lora", reg_step="proximal")
+    _, reference = run(cfg, runs_dir=tmp_path / "reference", progress=False)
+    with monkeypatch.context() as m:
+        kill_after(m, 1)
+        with pytest.raises(Killed):
+            run(cfg, runs_dir=tmp_path / "interrupted", progress=False)
+    _, resumed = run(cfg, runs_dir=tmp_path / "interrupted", progress=False)
+    assert resumed["resumes"] and resumed["accuracy_matrix"] == reference["accuracy_matrix"]
+    for key in ("diagnostics", "stability", "optimizer_steps"):
+        assert resumed["strategy_extras"][key] == reference["strategy_extras"][key]

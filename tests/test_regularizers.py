@@ -119,3 +119,149 @@ def test_coupled_surrogate_has_the_closed_form_gradient(style):
     closed = R.chain_to_params(pool.deltas(1), g, params)
     for a, b in zip(via_surrogate, closed):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------- the proximal step vs the explicit one
+def quadratic(style: str, method: str, scale: float = 1.0):
+    """A pool at its current task, and the (a, b) of ITA or IEL written out by hand (not via the code)."""
+    pool = pool_with_tasks(style, 3).double()  # float64, so that the O(s²) comparison sees no rounding
+    fisher = {n: scale * f.double() for n, f in random_fisher(pool).items()}
+    coeff = 0.7
+    if method == "ita":
+        return pool, {n: coeff * f for n, f in fisher.items()}, None, coeff, fisher
+    past = pool.delta_sum([1.0, 1.0, 0.0], detach=True)
+    r = 1 / 3
+    a = {n: coeff * (1 - r) * f for n, f in fisher.items()}
+    b = {n: coeff * r * f * past[n] for n, f in fisher.items()}
+    return pool, a, b, coeff, fisher
+
+
+def explicit_and_proximal(pool, a, b, s: float, sweeps: int = 1):
+    """One explicit step θ − s∇R (∇R by autograd of ½Σaτ² − Σbτ) and one proximal step, per parameter."""
+    from clcompose.strategies.task_vectors import proximal as P
+
+    params = pool.task_parameters(2)
+    deltas = pool.deltas(2)
+    obj = sum(0.5 * (a[n] * deltas[n].pow(2)).sum() - ((b[n] * deltas[n]).sum() if b else 0) for n in deltas)
+    grads = torch.autograd.grad(obj, params)
+    explicit = [p.detach() - s * g for p, g in zip(params, grads)]
+    base = pool.base_weights()
+    prox = []
+    for name, mod in zip(pool.names, pool.vectors[2]):
+        bn = b[name] if b else None
+        if pool.style == "full":
+            prox.append(P.prox_full(mod.delta.detach(), a[name], bn, s))
+        elif pool.style == "ia3":
+            prox.append(P.prox_ia3(mod.scale.detach(), base[name], a[name], bn, s))
+        else:
+            prox += list(P.prox_lora(mod.A.detach(), mod.B.detach(), a[name], bn, s, sweeps))
+    return explicit, prox, [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("method", ["ita", "iel"])
+def test_proximal_step_equals_the_explicit_step_to_first_order(style, method):
+    pool, a, b, _, _ = quadratic(style, method)
+    errors = []
+    for s in (1e-3, 1e-4):
+        explicit, prox, start = explicit_and_proximal(pool, a, b, s)
+        moved = max(float((e - p0).abs().max()) for e, p0 in zip(explicit, start))
+        err = max(float((e - p).abs().max()) for e, p in zip(explicit, prox))
+        assert err < 0.05 * moved  # agree to leading order …
+        errors.append(err)
+    assert errors[1] < errors[0] / 50  # … and the difference is O(s²): ×100 smaller for s ÷ 10
+
+
+@pytest.mark.parametrize("style", ["full", "ia3"])
+def test_full_and_ia3_proximal_steps_are_the_exact_minimisers(style):
+    """τ' = argmin ½Σaτ² − Σbτ + ‖θ' − θ‖²/(2s): the gradient of that objective vanishes at the proximal point."""
+    pool, a, b, _, _ = quadratic(style, "iel")
+    s = 3.0
+    _, prox, start = explicit_and_proximal(pool, a, b, s)
+    for name, p_new, p_old in zip(pool.names, prox, start):
+        u = p_new.clone().requires_grad_(True)
+        base = pool.base_weights()[name]
+        tau = u if style == "full" else base * (u.view(-1, *([1] * (base.dim() - 1))) - 1)
+        obj = 0.5 * (a[name] * tau.pow(2)).sum() - (b[name] * tau).sum() + (u - p_old).pow(2).sum() / (2 * s)
+        (g,) = torch.autograd.grad(obj, u)
+        assert float(g.abs().max()) < 1e-4
+
+
+def test_lora_proximal_sweeps_lower_the_proximal_objective_and_each_block_is_optimal():
+    pool, a, b, _, _ = quadratic("lora", "iel")
+    name, mod = pool.names[-1], pool.vectors[2][-1]
+    s = 5.0
+    A0, B0 = mod.A.detach().clone(), mod.B.detach().clone()
+
+    def objective(A, B):
+        tau = B @ A
+        return float(
+            0.5 * (a[name] * tau.pow(2)).sum()
+            - (b[name] * tau).sum()
+            + ((A - A0).pow(2).sum() + (B - B0).pow(2).sum()) / (2 * s)
+        )
+
+    from clcompose.strategies.task_vectors import proximal as P
+
+    values = [objective(A0, B0)]
+    for sweeps in (1, 2, 5):
+        values.append(objective(*P.prox_lora(A0, B0, a[name], b[name], s, sweeps)))
+    assert all(v2 <= v1 + 1e-6 for v1, v2 in zip(values, values[1:]))
+    # the A-block of one sweep is the exact minimiser over A at B fixed: its gradient there is 0
+    A1, _ = P.prox_lora(A0, B0, a[name], b[name], s, 1)
+    A = A1.clone().requires_grad_(True)
+    tau = B0 @ A
+    obj = 0.5 * (a[name] * tau.pow(2)).sum() - (b[name] * tau).sum() + (A - A0).pow(2).sum() / (2 * s)
+    (g,) = torch.autograd.grad(obj, A)
+    assert float(g.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_proximal_step_stays_bounded_where_the_explicit_step_diverges(style):
+    """ITA with s·α·max F = 100: 30 explicit steps blow ‖τ‖ up, 30 proximal steps never increase R."""
+    from clcompose.strategies.task_vectors import proximal as P
+
+    pool, a, _, _, _ = quadratic(style, "ita")
+    top = max(float(v.max()) for v in a.values())
+    a = {n: v * (100.0 / top) for n, v in a.items()}  # s = 1, so the stability number is exactly 100
+    assert P.stability_number(a) == pytest.approx(100.0)
+    if style == "ia3":  # IA3's own curvature Σ_k a W0² is what its explicit step sees; make that 100 too
+        c = P.ia3_curvature(a, pool.base_weights())
+        a = {n: v * (100.0 / c) for n, v in a.items()}
+    mods, base = pool.vectors[2], pool.base_weights()
+    norm0 = sum(float(d.detach().norm()) for d in pool.deltas(2).values())
+
+    def penalty():
+        with torch.no_grad():
+            return sum(float((a[n] * d.pow(2)).sum()) for n, d in pool.deltas(2).items())
+
+    saved = [p.detach().clone() for p in pool.task_parameters(2)]
+    with torch.no_grad():
+        for _ in range(30):
+            for name, mod in zip(pool.names, mods):
+                if style == "full":
+                    mod.delta.copy_(P.prox_full(mod.delta, a[name], None, 1.0))
+                elif style == "ia3":
+                    mod.scale.copy_(P.prox_ia3(mod.scale, base[name], a[name], None, 1.0))
+                else:
+                    A, B = P.prox_lora(mod.A, mod.B, a[name], None, 1.0)
+                    mod.A.copy_(A)
+                    mod.B.copy_(B)
+    with torch.no_grad():
+        proximal_norm = sum(float(d.norm()) for d in pool.deltas(2).values())
+    proximal_pen = penalty()
+    with torch.no_grad():
+        for p, v in zip(pool.task_parameters(2), saved):
+            p.copy_(v)
+    pen0 = penalty()
+    for _ in range(30):
+        params = pool.task_parameters(2)
+        deltas = pool.deltas(2)
+        grads = torch.autograd.grad(sum(0.5 * (a[n] * deltas[n].pow(2)).sum() for n in deltas), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(g)
+    with torch.no_grad():
+        explicit_norm = sum(float(d.norm()) for d in pool.deltas(2).values())
+    assert proximal_pen <= pen0 and proximal_norm <= 1.01 * norm0
+    assert not explicit_norm < 1e3 * norm0  # diverged (or overflowed to inf/nan)

@@ -36,14 +36,15 @@ class ExperienceHeads(DynamicModule):
     def num_outputs(self) -> int:
         return max(max(self.seen_classes, default=-1) + 1, self.min_outputs)
 
-    def add_head(self, classes: Sequence[int]) -> nn.Linear:
-        """Append a head for ``classes`` (in this column order) and return it."""
+    def add_head(self, classes: Sequence[int], generator: torch.Generator | None = None) -> nn.Linear:
+        """Append a head for ``classes`` (in this column order) and return it; its init draws from
+        ``generator`` when given (else from the global random stream)."""
         classes = [int(c) for c in classes]
         overlap = set(classes) & set(self.seen_classes)
         if overlap:
             raise ValueError(f"classes {sorted(overlap)} already have a head")
         head = nn.Linear(self.in_features, len(classes))
-        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.trunc_normal_(head.weight, std=0.02, generator=generator)
         nn.init.zeros_(head.bias)
         if self.heads:
             head.to(next(self.heads.parameters()).device)

@@ -1,4 +1,4 @@
-"""Training settings shared by every strategy, and the optimizer they build."""
+"""Training settings shared by every strategy, the optimizer they build, and gradient accumulation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from clcompose.strategies.core.registry import Options
+from clcompose.strategies.core.registry import ConfigError, Options
 
 
 @dataclasses.dataclass
@@ -22,6 +22,12 @@ class TrainConfig(Options):
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # gradient accumulation: one optimiser step per `virtual_batch` mini-batches, each loss divided by it
+    # (ita, iel, task-arithmetic only). None: 1, or 16 under their `strategy.preset=reference`
+    virtual_batch: int | None = None
+    # the reference's first step of an epoch accumulates virtual_batch + 1 mini-batches (see VirtualBatchEpoch).
+    # None: true under `strategy.preset=reference`, false otherwise
+    virtual_batch_quirk: bool | None = None
 
     def check(self) -> None:
         self.require(self.epochs >= 1, "epochs", "must be >= 1")
@@ -30,6 +36,7 @@ class TrainConfig(Options):
         self.require(self.lr > 0, "lr", "must be > 0")
         self.require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         self.require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self.require(self.virtual_batch is None or self.virtual_batch >= 1, "virtual_batch", "must be >= 1")
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -48,8 +55,17 @@ def template_kwargs(
     device,
     plugins,
     optimizer: torch.optim.Optimizer | None = None,
+    accumulates: bool = False,
 ) -> dict:
-    """The keyword arguments every suite strategy passes to Avalanche's ``SupervisedTemplate``."""
+    """The keyword arguments every suite strategy passes to Avalanche's ``SupervisedTemplate``.
+
+    ``accumulates``: the strategy implements ``train.virtual_batch`` (:class:`VirtualBatchEpoch`); any other
+    strategy refuses a virtual batch above 1 rather than ignoring it.
+    """
+    if not accumulates and (train.virtual_batch or 1) > 1:
+        raise ConfigError(
+            "train.virtual_batch > 1 (gradient accumulation) is implemented by ita, iel and task-arithmetic"
+        )
     return dict(
         model=model,
         optimizer=optimizer if optimizer is not None else make_optimizer(model.parameters(), train),
@@ -62,3 +78,61 @@ def template_kwargs(
         evaluator=evaluator,
         eval_every=-1,
     )
+
+
+def is_step_iteration(i: int, virtual_batch: int, quirk: bool) -> bool:
+    """Whether mini-batch ``i`` (0-based, counted within the epoch) ends a virtual batch.
+
+    quirk (the reference code: ``(i > 0 or V == 1) and i % V == 0``): steps after mini-batches V, 2V, …, so the
+    first step of an epoch accumulates V + 1 mini-batches and an epoch of at most V mini-batches never steps.
+    Otherwise steps after mini-batches V − 1, 2V − 1, … (V each). Either way the mini-batches after an epoch's
+    last step are dropped: their gradients are cleared when the next epoch starts.
+    """
+    if virtual_batch == 1:
+        return True
+    return (i > 0 and i % virtual_batch == 0) if quirk else (i + 1) % virtual_batch == 0
+
+
+class VirtualBatchEpoch:
+    """Mixin for an Avalanche ``SupervisedTemplate``: gradient accumulation over ``virtual_batch`` mini-batches.
+
+    Each mini-batch's loss is divided by V and back-propagated; ``optimizer_step`` (the optimiser and anything
+    the strategy does with it, e.g. a decoupled regulariser step) runs once per virtual batch
+    (:func:`is_step_iteration`), and the gradients are cleared after each step and at the start of every epoch.
+    With V = 1 the epoch is Avalanche's own. ``optimizer_steps`` counts the steps of the current experience.
+    """
+
+    virtual_batch: int = 1
+    virtual_batch_quirk: bool = False
+    optimizer_steps: int = 0
+
+    def training_epoch(self, **kwargs):
+        if self.virtual_batch == 1:
+            n = len(self.dataloader)
+            super().training_epoch(**kwargs)
+            self.optimizer_steps += n
+            return
+        v = self.virtual_batch
+        for i, mbatch in enumerate(self.dataloader):
+            self.mbatch = mbatch
+            if self._stop_training:
+                break
+            self._unpack_minibatch()
+            self._before_training_iteration(**kwargs)
+            if i == 0:
+                self.optimizer.zero_grad()
+            self.loss = self._make_empty_loss()
+            self._before_forward(**kwargs)
+            self.mb_output = self.forward()
+            self._after_forward(**kwargs)
+            self.loss += self.criterion() / v
+            self._before_backward(**kwargs)
+            self.backward()
+            self._after_backward(**kwargs)
+            if is_step_iteration(i, v, self.virtual_batch_quirk):
+                self._before_update(**kwargs)
+                self.optimizer_step()
+                self._after_update(**kwargs)
+                self.optimizer.zero_grad()
+                self.optimizer_steps += 1
+            self._after_training_iteration(**kwargs)

@@ -5,10 +5,11 @@ model θ0 + Σ_t c_t τ_t (c_t = 1/T by default) with one head per experience, c
 subclasses say only what differs: the training forward (θ0 + τ_T alone, or through the composition), the Fisher
 of the regulariser and its closed-form gradient (:mod:`.ita`, :mod:`.iel`, :mod:`.task_arithmetic`).
 
-Shared here: task pre-consolidation (linear probe + classifier alignment on frozen θ0 features → anchor heads),
-the θ0 Fisher, the head regulariser toward the anchor, the regulariser applied either as a *decoupled* plain
-SGD step scaled by the learning-rate schedule (separate from the optimiser; the reference code's update) or as
-a *coupled* loss term, and the second-order diagnostics.
+Shared here: task pre-consolidation (linear probe + classifier alignment on frozen θ0 features → anchor heads,
+from copies of the trained heads or from a pre-tuning classifier kept across experiences), the θ0 Fisher, the
+head regulariser toward the anchor, gradient accumulation (:class:`~clcompose.strategies.core.training.VirtualBatchEpoch`)
+and the second-order diagnostics. How the regulariser acts on a step (coupled, decoupled, proximal) is
+:mod:`.steps`.
 """
 
 from __future__ import annotations
@@ -28,21 +29,28 @@ from torch.utils.data import DataLoader
 
 from clcompose.strategies.core.fisher import FisherAccumulator, fisher_sum
 from clcompose.strategies.core.heads import ExperienceHeads, mask_to_classes
-from clcompose.strategies.core.training import TrainConfig, make_optimizer, template_kwargs
+from clcompose.strategies.core.per_example import layer_fisher_sum, supported
+from clcompose.strategies.core.training import TrainConfig, VirtualBatchEpoch, make_optimizer, template_kwargs
 from clcompose.strategies.task_vectors import regularizers as R
 from clcompose.strategies.task_vectors.composable import ComposableNet
-from clcompose.strategies.task_vectors.consolidation import ClassGaussians, align_classifier, anchor_heads
+from clcompose.strategies.task_vectors.consolidation import (
+    ClassGaussians,
+    align_classifier,
+    anchor_heads,
+    has_train_augmentation,
+)
 from clcompose.strategies.task_vectors.diagnostics import second_order_diagnostics
 from clcompose.strategies.task_vectors.options import TaskVectorOptions, layer_selection
 from clcompose.strategies.task_vectors.pool import TaskVectorPool
 from clcompose.strategies.task_vectors.skills import save_task_vectors
+from clcompose.strategies.task_vectors.steps import RegularizerSteps
 
 
-class TaskVectorStrategy(SupervisedTemplate):
+class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate):
     """The shared training procedure of ITA, IEL and task arithmetic (see the module docstring).
 
     Subclasses set :attr:`method` (recorded), :attr:`train_composition` and :attr:`default_head_fisher_classes`,
-    and override :meth:`strength`, :meth:`regularizer_fisher` and :meth:`regularizer_grads`.
+    and override :meth:`strength`, :meth:`regularizer_fisher` and :meth:`regularizer_quadratic`.
     """
 
     method: ClassVar[str] = ""
@@ -64,20 +72,36 @@ class TaskVectorStrategy(SupervisedTemplate):
             backbone = getattr(model, "backbone", model)
             dim = model.heads.in_features if hasattr(model, "heads") else backbone.out_features
             model = ComposableNet(
-                backbone, dim, options.tuning, options.rank, layer_selection(options.layers), self.train_composition
+                backbone,
+                dim,
+                options.tuning,
+                options.rank,
+                layer_selection(options.layers),
+                self.train_composition,
+                qkv_rank_multiplier=options.qkv_rank_multiplier,
             )
         self.options, self.train_config = options, train
+        # train.virtual_batch / _quirk left unset (None) follow the preset (16 and the quirk under `reference`)
+        self.virtual_batch = options.train_value("virtual_batch", train.virtual_batch)
+        self.virtual_batch_quirk = options.train_value("virtual_batch_quirk", train.virtual_batch_quirk)
         self.head_reg_fisher = options.head_reg_fisher if options.head_reg_fisher is not None else self.strength()
         self.head_fisher_classes = options.head_fisher_classes or self.default_head_fisher_classes
         self.fisher = FisherAccumulator(options.eps)
-        self.stats = ClassGaussians(options.gaussian_components)
+        self.stats = ClassGaussians(options.gaussian_components, fit=options.gmm_fit, iterations=options.gmm_iterations)
         self.anchor: ExperienceHeads | None = None
+        self.pretuning: ExperienceHeads | None = None  # anchor_source=persistent: the pre-tuning classifier
         self.head_fisher: dict[str, torch.Tensor] | None = None
+        self.stability: list[dict] = []  # per experience: stability numbers of the explicit step
+        self.step_counts: list[int] = []  # optimiser steps per experience
+        self.warnings: list[str] = []
+        self.warned: set[str] = set()
         self.diagnostics: list[dict] = []
         self.prep_times: list[dict] = []
         self._diag_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         placeholder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.lr)  # replaced per experience
-        super().__init__(**template_kwargs(model, train, evaluator, device, plugins, optimizer=placeholder))
+        super().__init__(
+            **template_kwargs(model, train, evaluator, device, plugins, optimizer=placeholder, accumulates=True)
+        )
         self.scheduler = None
 
     # ------------------------------------------------------------------ what the methods define
@@ -89,8 +113,8 @@ class TaskVectorStrategy(SupervisedTemplate):
         """The diagonal Fisher the backbone regulariser of the current experience uses."""
         raise NotImplementedError
 
-    def regularizer_grads(self, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Closed-form ∂R/∂ΔW_T of the backbone regulariser at the current deltas."""
+    def regularizer_quadratic(self) -> R.Quadratic:
+        """(a, b) of the backbone regulariser R(ΔW_T) = ½ Σ a ΔW_T² − Σ b ΔW_T of the current experience."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
@@ -167,21 +191,7 @@ class TaskVectorStrategy(SupervisedTemplate):
         if self._needs_anchor():
             feats, labels, inputs = self._base_features(self.adapted_dataset)
             self.stats.fit(feats.cpu(), labels.cpu(), seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            self.anchor = anchor_heads(
-                self.model.heads,
-                self.stats,
-                feats,
-                labels,
-                probe_epochs=opts.probe_epochs,
-                probe_lr=opts.probe_lr,
-                probe_batch_size=opts.probe_batch_size,
-                align_epochs=opts.align_epochs + opts.align_epochs_per_task * t,
-                align_lr=opts.align_lr,
-                align_per_class=opts.align_per_class,
-                align_temperature=opts.align_temperature,
-                batch_size=128,
-                generator=gen,
-            )
+            self.anchor = self._consolidate(feats, labels, gen)
             timing["consolidation_s"] = time.perf_counter() - t0
             if self._needs_fisher():
                 t1 = time.perf_counter()
@@ -201,9 +211,60 @@ class TaskVectorStrategy(SupervisedTemplate):
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, lambda e: math.cos(99 * math.pi * e / (200 * (epochs - 1)))
             )
-        self._fisher_now = self.regularizer_fisher() if self._needs_fisher() else None
+        self._quad = self.regularizer_quadratic() if self._needs_fisher() else None
+        self.optimizer_steps = 0
+        self._record_stability(t)
         timing["prepare_s"] = time.perf_counter() - t0
         self.prep_times.append(timing)
+
+    def _consolidate(self, feats: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> ExperienceHeads:
+        """The anchor heads of the current experience: the new head probed on θ0 features, then all heads
+        classifier-aligned on the class statistics. ``anchor_source=trained`` starts from copies of the trained
+        heads; ``persistent`` (the reference) from the pre-tuning classifier of the earlier experiences, whose
+        new head starts from the trained head's init at the first experience (the reference deep-copies the
+        classifier before training) and from its own trunc-normal draw later, and which keeps the result."""
+        opts, t = self.options, self.task
+        source = self.model.heads
+        if opts.anchor_source == "persistent":
+            if self.pretuning is None:
+                self.pretuning = ExperienceHeads(self.model.heads.in_features)
+            head = self.pretuning.add_head(self.model.heads.head_classes[t], generator=gen).to(self.device)
+            if t == 0:
+                head.load_state_dict(self.model.heads.heads[0].state_dict())
+            source = self.pretuning
+        data = self.adapted_dataset
+        augmented = has_train_augmentation(data)  # then θ0 features are recomputed every probing epoch
+        anchor = anchor_heads(
+            source,
+            self.stats,
+            feats,
+            labels,
+            probe=dict(
+                epochs=opts.probe_epochs,
+                lr=opts.probe_lr,
+                batch_size=opts.probe_batch_size,
+                momentum=opts.probe_momentum,
+                drop_last=opts.probe_drop_last,
+            ),
+            align=self._align_settings(t),
+            generator=gen,
+            features_fn=(lambda: self._base_features(data)[:2]) if augmented else None,
+        )
+        if opts.anchor_source == "persistent":
+            self.pretuning = anchor
+        return anchor
+
+    def _align_settings(self, t: int) -> dict:
+        opts = self.options
+        return dict(
+            epochs=opts.align_epochs + opts.align_epochs_per_task * t,
+            lr=opts.align_lr,
+            per_class=opts.align_per_class,
+            temperature=opts.align_temperature,
+            batch_size=128,
+            momentum=opts.align_momentum,
+            drop_last=opts.align_drop_last,
+        )
 
     def backbone_fisher(self, inputs: torch.Tensor, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], int]:
         """Diagonal true Fisher of the targeted weights at θ0, softmax over all seen classes of the anchor heads."""
@@ -216,6 +277,24 @@ class TaskVectorStrategy(SupervisedTemplate):
 
         opts = self.options
         batches = torch.split(inputs, self.train_config.eval_batch_size)
+        modules = self._fisher_modules() if opts.fisher_backend == "batched" else None
+        if modules is not None:
+            backbone = pool.model
+            was_training = backbone.training
+            backbone.eval()  # examples must not interact (BatchNorm on running statistics)
+            try:
+                return layer_fisher_sum(
+                    lambda x: F.log_softmax(anchor(backbone(x))[:, seen], dim=-1),
+                    modules,
+                    batches,
+                    mode=opts.fisher,
+                    k=opts.fisher_topk,
+                    samples=opts.fisher_mc_samples,
+                    chunk=opts.fisher_chunk,
+                    generator=gen,
+                )
+            finally:
+                backbone.train(was_training)
         return fisher_sum(
             log_prob,
             pool.base_weights(),
@@ -226,6 +305,17 @@ class TaskVectorStrategy(SupervisedTemplate):
             chunk=opts.fisher_chunk,
             generator=gen,
         )
+
+    def _fisher_modules(self) -> dict[str, nn.Module] | None:
+        """The Linear/Conv2d modules whose weights the pool targets, when the batched Fisher covers them all."""
+        modules = {}
+        for name in self.pool.names:
+            owner, _, leaf = name.rpartition(".")
+            module = self.pool.model.get_submodule(owner) if leaf == "weight" else None
+            if module is None or not supported(module):
+                return None
+            modules[name] = module
+        return modules
 
     def classifier_fisher(self, gen: torch.Generator) -> dict[str, torch.Tensor] | None:
         """Fisher of the current head's weight and bias through the anchor heads, on synthetic features."""
@@ -244,29 +334,7 @@ class TaskVectorStrategy(SupervisedTemplate):
         sums, count = fisher_sum(log_prob, params, [x.to(self.device)], mode="exact", chunk=256)
         return {"weight": sums[f"heads.{t}.weight"] / count, "bias": sums[f"heads.{t}.bias"] / count}
 
-    # ------------------------------------------------------------------ regularisers
-    def backbone_reg_grads(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
-        """(ΔW_T with graph, closed-form ∂R/∂ΔW_T) or None when the backbone is unregularised."""
-        if self._fisher_now is None:
-            return None
-        current = self.pool.deltas(self.task)
-        return current, self.regularizer_grads(current)
-
-    def head_penalty(self) -> torch.Tensor | None:
-        """req · Σ (F_cls + ε)(W − W_pre)² + l2 · ‖W − W_pre‖² over the current head's weight and bias."""
-        if self.anchor is None or (self.head_reg_fisher == 0 and self.options.head_reg_l2 == 0):
-            return None
-        head, pre = self.model.heads.heads[self.task], self.anchor.heads[self.task]
-        total = 0.0
-        for name in ("weight", "bias"):
-            diff2 = (getattr(head, name) - getattr(pre, name)).pow(2)
-            if self.head_reg_fisher > 0 and self.head_fisher is not None:
-                total = total + self.head_reg_fisher * ((self.head_fisher[name] + self.options.eps) * diff2).sum()
-            elif self.head_reg_fisher > 0:
-                total = total + self.head_reg_fisher * self.options.eps * diff2.sum()
-            total = total + self.options.head_reg_l2 * diff2.sum()
-        return total
-
+    # ------------------------------------------------------------------ training
     def criterion(self):
         classes = self.model.heads.head_classes[self.task] if self.is_training else None
         if classes is None:
@@ -281,31 +349,6 @@ class TaskVectorStrategy(SupervisedTemplate):
                 loss = loss + head
         return loss
 
-    def optimizer_step(self):
-        if self.options.reg_step == "decoupled":
-            self._decoupled_regularizer_step()
-        self.optimizer.step()
-
-    @torch.no_grad()
-    def _decoupled_regularizer_step(self) -> None:
-        """θ ← θ − s_e ∇R with s_e = lr_e / lr (cosine factor), per-parameter gradient norm clipped."""
-        scale = self.optimizer.param_groups[0]["lr"] / self.train_config.lr
-        steps: list[tuple[nn.Parameter, torch.Tensor]] = []
-        with torch.enable_grad():
-            reg = self.backbone_reg_grads()
-            if reg is not None:
-                params = self.pool.task_parameters(self.task)
-                steps += list(zip(params, R.chain_to_params(reg[0], reg[1], params)))
-            head = self.head_penalty()
-            if head is not None:
-                params = list(self.model.heads.heads[self.task].parameters())
-                steps += list(zip(params, torch.autograd.grad(head, params)))
-        for p, g in steps:
-            norm = g.norm()
-            if norm > self.options.clip_grad:
-                g = g * (self.options.clip_grad / norm)
-            p.sub_(scale * g)
-
     def _after_training_epoch(self, **kwargs):
         super()._after_training_epoch(**kwargs)
         if self.scheduler is not None:
@@ -313,6 +356,13 @@ class TaskVectorStrategy(SupervisedTemplate):
 
     def _after_training_exp(self, **kwargs):
         t = self.task
+        self.step_counts.append(self.optimizer_steps)
+        if self.optimizer_steps == 0:
+            self.warn_once(
+                "no-step",
+                f"experience {t} took no optimiser step: each epoch had too few mini-batches for one virtual batch "
+                f"of {self.virtual_batch}{' + 1 (the reference first-step quirk)' if self.virtual_batch_quirk else ''}",
+            )
         self.pool.freeze(t)
         for p in self.model.heads.heads[t].parameters():
             p.requires_grad_(False)
@@ -324,20 +374,11 @@ class TaskVectorStrategy(SupervisedTemplate):
     def _align_trained_heads(self) -> None:
         """Classifier alignment of the heads used at inference on the θ0 feature statistics of all seen classes
         (rehearsal-free: only the per-class Gaussians are kept); the heads stay frozen afterwards."""
-        heads, opts = self.model.heads, self.options
+        heads = self.model.heads
         for p in heads.parameters():
             p.requires_grad_(True)
         with torch.enable_grad():
-            align_classifier(
-                heads,
-                self.stats,
-                opts.align_epochs + opts.align_epochs_per_task * self.task,
-                opts.align_lr,
-                opts.align_per_class,
-                opts.align_temperature,
-                128,
-                self._rng(),
-            )
+            align_classifier(heads, self.stats, generator=self._rng(), **self._align_settings(self.task))
         for p in heads.parameters():
             p.requires_grad_(False)
 
@@ -378,6 +419,11 @@ class TaskVectorStrategy(SupervisedTemplate):
                 {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()} for d in self.prep_times
             ],
             "lambda": None,
+            "virtual_batch": self.virtual_batch,
+            "virtual_batch_quirk": self.virtual_batch_quirk,
+            "optimizer_steps": self.step_counts,
+            "stability": self.stability,
+            "warnings": self.warnings,
             "diagnostics": self.diagnostics,
         }
 

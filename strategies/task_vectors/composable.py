@@ -27,9 +27,12 @@ class ComposableNet(nn.Module):
         rank: int = 4,
         layers="all",
         train_composition: Literal["individual", "composed"] = "individual",
+        qkv_rank_multiplier: int = 1,
     ):
         super().__init__()
-        self.pool = TaskVectorPool(backbone, layers=layers, style=style, rank=rank)
+        self.pool = TaskVectorPool(
+            backbone, layers=layers, style=style, rank=rank, qkv_rank_multiplier=qkv_rank_multiplier
+        )
         self.heads = ExperienceHeads(feature_dim, freeze_old=True)
         self.train_composition = train_composition
         self.coefficients: list[float] | None = None

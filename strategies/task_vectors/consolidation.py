@@ -10,20 +10,26 @@ Fisher is computed and the target of the head regulariser; the trained heads are
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from clcompose.strategies.core.heads import ExperienceHeads
+from clcompose.strategies.task_vectors.gmm import fit_reference_gmm
 
 
 class ClassGaussians:
-    """Per-class feature statistics: a diagonal Gaussian, or a diagonal Gaussian mixture (sklearn) per class."""
+    """Per-class feature statistics: a diagonal Gaussian, or a diagonal Gaussian mixture per class, fitted by
+    sklearn (``fit="sklearn"``, variances floored at ``min_var``) or as the reference code does
+    (``fit="reference"``, :func:`~clcompose.strategies.task_vectors.gmm.fit_reference_gmm`)."""
 
-    def __init__(self, components: int = 1, min_var: float = 1e-4):
+    def __init__(self, components: int = 1, min_var: float = 1e-4, fit: str = "sklearn", iterations: int = 500):
         self.components = components
         self.min_var = min_var
+        self.fit_method = fit
+        self.iterations = iterations
         self.params: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # class → (weights, means, vars)
 
     @property
@@ -41,11 +47,14 @@ class ClassGaussians:
                     f.mean(0, keepdim=True).float(),
                     var.clamp_min(self.min_var)[None].float(),
                 )
+            elif self.fit_method == "reference":
+                gen = torch.Generator().manual_seed(seed + c)
+                self.params[c] = fit_reference_gmm(f, k, gen, n_iter=self.iterations)
             else:
                 from sklearn.mixture import GaussianMixture
 
                 gm = GaussianMixture(
-                    k, covariance_type="diag", max_iter=500, random_state=seed, reg_covar=self.min_var
+                    k, covariance_type="diag", max_iter=self.iterations, random_state=seed, reg_covar=self.min_var
                 ).fit(f.numpy())
                 self.params[c] = (
                     torch.from_numpy(gm.weights_).float(),
@@ -66,16 +75,34 @@ class ClassGaussians:
         return torch.cat(xs), torch.cat(ys)
 
     def state_dict(self) -> dict:
-        return {"components": self.components, "min_var": self.min_var, "params": self.params}
+        return {
+            "components": self.components,
+            "min_var": self.min_var,
+            "fit": self.fit_method,
+            "iterations": self.iterations,
+            "params": self.params,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.components, self.min_var, self.params = state["components"], state["min_var"], state["params"]
+        self.fit_method, self.iterations = state.get("fit", "sklearn"), state.get("iterations", 500)
 
 
 def _cosine_factor(epoch: int, epochs: int) -> float:
-    import math
-
+    """CosineAnnealingLR's factor at ``epoch`` of ``epochs`` (η_min = 0): ½ (1 + cos(π e / E))."""
     return 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
+
+
+def _batches(order: torch.Tensor, batch_size: int, drop_last: bool) -> list[torch.Tensor]:
+    """Consecutive index batches of ``order``; ``drop_last`` drops a final incomplete one (as the reference's
+    DataLoader(drop_last=True) does: a set smaller than one batch then takes no step)."""
+    n = len(order) - (len(order) % batch_size if drop_last else 0)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def normalized_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / (τ (‖logits‖ + 1e-7)), the reference's alignment normalisation (all logits of a row)."""
+    return logits / (temperature * (logits.norm(dim=-1, keepdim=True) + 1e-7))
 
 
 def _positions(classes: Sequence[int], labels: torch.Tensor) -> torch.Tensor:
@@ -94,16 +121,25 @@ def linear_probe(
     lr: float,
     batch_size: int,
     generator: torch.Generator,
+    momentum: float = 0.9,
+    drop_last: bool = False,
+    features_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> None:
     """Train head ``head_index`` alone on frozen features with CE over its own classes (past logits masked
-    out, i.e. simply not computed); SGD with momentum 0.9."""
+    out, i.e. simply not computed; the same as CE over all seen classes with the past logits at −inf);
+    SGD (``momentum``; 0 = the reference's plain SGD), a fresh shuffle every epoch.
+
+    ``features_fn`` (when the training data are augmented): returns fresh (features, labels) for every epoch,
+    as the reference recomputes θ0 features of the augmented training set each probing epoch."""
     head = heads.heads[head_index]
-    targets = _positions(heads.head_classes[head_index], labels)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
-    for _ in range(epochs):
+    classes = heads.head_classes[head_index]
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
+    for epoch in range(epochs):
+        if features_fn is not None and epoch > 0:
+            features, labels = features_fn()
+        targets = _positions(classes, labels)
         order = torch.randperm(len(labels), generator=generator)
-        for i in range(0, len(labels), batch_size):
-            idx = order[i : i + batch_size]
+        for idx in _batches(order, batch_size, drop_last):
             loss = F.cross_entropy(head(features[idx]), targets[idx])
             opt.zero_grad()
             loss.backward()
@@ -119,28 +155,30 @@ def align_classifier(
     temperature: float,
     batch_size: int,
     generator: torch.Generator,
+    momentum: float = 0.9,
+    drop_last: bool = False,
 ) -> None:
-    """Classifier alignment: train all heads on features sampled from every seen class's Gaussian,
-    CE on L2-normalised logits (over all seen classes) divided by ``temperature``; SGD with momentum and
-    cosine annealing, fresh samples every epoch."""
+    """Classifier alignment: train all heads on features sampled from every seen class's statistics,
+    CE on L2-normalised logits (over all seen classes) divided by ``temperature`` (:func:`normalized_logits`);
+    SGD (``momentum``; 0 = the reference's plain SGD) with cosine annealing per epoch, fresh samples every
+    epoch."""
     seen = heads.seen_classes
     classes = [c for c in seen if c in stats.params]
     if not classes or epochs <= 0:
         return
-    opt = torch.optim.SGD(list(heads.parameters()), lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(list(heads.parameters()), lr=lr, momentum=momentum)
     for epoch in range(epochs):
         for g in opt.param_groups:
             g["lr"] = lr * _cosine_factor(epoch, epochs)
         x, y = stats.sample(classes, per_class, generator)
         targets = _positions(seen, y)
         order = torch.randperm(len(y), generator=generator)
-        for i in range(0, len(y), batch_size):
-            idx = order[i : i + batch_size]
+        for idx in _batches(order, batch_size, drop_last):
             # one matmul over the stacked heads; columns in `seen` order
             weight = torch.cat([h.weight for h in heads.heads])
             bias = torch.cat([h.bias for h in heads.heads])
             logits = F.linear(x[idx], weight, bias)
-            loss = F.cross_entropy(F.normalize(logits, dim=1) / temperature, targets[idx])
+            loss = F.cross_entropy(normalized_logits(logits, temperature), targets[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -152,17 +190,14 @@ def anchor_heads(
     features: torch.Tensor,
     labels: torch.Tensor,
     *,
-    probe_epochs: int,
-    probe_lr: float,
-    probe_batch_size: int,
-    align_epochs: int,
-    align_lr: float,
-    align_per_class: int,
-    align_temperature: float,
-    batch_size: int,
+    probe: dict,
+    align: dict,
     generator: torch.Generator,
+    features_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> ExperienceHeads:
-    """The pre-consolidated copy of ``heads``: new head probed on θ0 features, then all heads aligned."""
+    """The pre-consolidated copy of ``heads``: the new (last) head probed on θ0 features
+    (:func:`linear_probe` with the keywords ``probe``), then all heads aligned (:func:`align_classifier` with
+    ``align``)."""
     anchor = copy.deepcopy(heads)
     for p in anchor.parameters():
         p.requires_grad_(False)
@@ -170,12 +205,27 @@ def anchor_heads(
     for p in anchor.heads[last].parameters():
         p.requires_grad_(True)
     with torch.enable_grad():
-        linear_probe(anchor, last, features, labels, probe_epochs, probe_lr, probe_batch_size, generator)
+        linear_probe(anchor, last, features, labels, generator=generator, features_fn=features_fn, **probe)
         for p in anchor.parameters():
             p.requires_grad_(True)
-        align_classifier(
-            anchor, stats, align_epochs, align_lr, align_per_class, align_temperature, batch_size, generator
-        )
+        align_classifier(anchor, stats, generator=generator, **align)
     for p in anchor.parameters():
         p.requires_grad_(False)
     return anchor
+
+
+def has_train_augmentation(dataset) -> bool:
+    """Whether an Avalanche dataset's training transform differs from its evaluation transform (then its θ0
+    features differ per pass, and the probe recomputes them every epoch). The suite's benchmarks have none."""
+    stack = [getattr(dataset, "_flat_data", None)]
+    while stack:
+        data = stack.pop()
+        if data is None:
+            continue
+        for attr in ("_transform_groups", "_frozen_transform_groups"):
+            groups = getattr(getattr(data, attr, None), "transform_groups", {}) or {}
+            train = groups.get("train")
+            if train is not None and train is not groups.get("eval") and train != groups.get("eval"):
+                return True
+        stack.extend(d for d in getattr(data, "_datasets", []) if hasattr(d, "_transform_groups"))
+    return False

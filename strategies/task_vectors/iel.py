@@ -46,9 +46,9 @@ class IEL(TaskVectorStrategy):
     def regularizer_fisher(self) -> dict[str, torch.Tensor]:
         return self.fisher.upto(self.task)
 
-    def regularizer_grads(self, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def regularizer_quadratic(self) -> R.Quadratic:
         past = self.model.past_sum() if self.task > 0 else None
-        return R.iel_grad(self.beta, self._fisher_now, current, past, self.task + 1)
+        return R.iel_quadratic(self.beta, self.regularizer_fisher(), past, self.task + 1)
 
 
 @STRATEGIES.register("iel", IELOptions)

@@ -46,8 +46,8 @@ class ITA(TaskVectorStrategy):
     def regularizer_fisher(self) -> dict[str, torch.Tensor]:
         return self.fisher.past(self.task, self.pool.base_weights())
 
-    def regularizer_grads(self, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return R.ita_grad(self.alpha, self._fisher_now, current)
+    def regularizer_quadratic(self) -> R.Quadratic:
+        return R.ita_quadratic(self.alpha, self.regularizer_fisher())
 
 
 @STRATEGIES.register("ita", ITAOptions)

@@ -1,11 +1,18 @@
-"""Validated hyperparameters of ITA, IEL and task arithmetic (every field is a ``strategy.*`` option)."""
+"""Validated hyperparameters of ITA, IEL and task arithmetic (every field is a ``strategy.*`` option).
+
+``preset: reference`` sets every option of :data:`REFERENCE` (the reference code's update rule and
+pre-consolidation, mammoth's ``second_order``) that the user did not give explicitly: an option given by the
+user, on the command line, in a YAML file or as a keyword, always wins over the preset. The expansion happens
+when the options are built, so a run's recorded config holds the values that were used.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from clcompose.strategies.core.registry import Options
+from clcompose.strategies.core.registry import Options, _coerce
 
 
 def layer_selection(spec: str) -> str | list[str]:
@@ -14,41 +21,123 @@ def layer_selection(spec: str) -> str | list[str]:
     return spec if spec in ("all", "linear", "conv") else [p.strip() for p in spec.split(",") if p.strip()]
 
 
+# what `preset: reference` sets (shared part; ITA/IEL/TA add their own below). Not the hyperparameters the
+# reference's configs choose (α, β, lr, batch size, rank, layers): those stay the user's.
+REFERENCE: dict[str, Any] = {
+    "reg_step": "decoupled",  # a separate plain-SGD step, scaled by the cosine factor, before AdamW's
+    "clip_grad": 100.0,
+    "head_init": "random",  # the trained head starts from its own trunc-normal init
+    "align_trained_heads": False,  # the heads used at inference stay as trained
+    "anchor_source": "persistent",  # a pre-tuning classifier kept across experiences, past heads re-aligned
+    "probe_epochs": 3,
+    "probe_lr": 0.01,
+    "probe_batch_size": 128,
+    "probe_momentum": 0.0,
+    "probe_drop_last": True,
+    "align_epochs": 10,
+    "align_epochs_per_task": 5,
+    "align_lr": 0.01,
+    "align_per_class": 256,
+    "align_temperature": 0.1,
+    "align_momentum": 0.0,
+    "align_drop_last": True,
+    "gaussian_components": 5,
+    "gmm_fit": "reference",
+    "gmm_iterations": 500,
+    "fisher": "exact",
+    "fisher_max_examples": None,  # every training example of the experience
+    "eps": 1e-5,
+    "cosine_schedule": True,
+    "qkv_rank_multiplier": 3,  # LoRA rank 3r on a ViT's fused attn.qkv
+}
+# train.virtual_batch / train.virtual_batch_quirk, when left unset (None), under the preset
+REFERENCE_TRAIN: dict[str, Any] = {"virtual_batch": 16, "virtual_batch_quirk": True}
+
+
 @dataclasses.dataclass
 class TaskVectorOptions(Options):
     """Hyperparameters shared by ITA, IEL and task arithmetic."""
 
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"reference": REFERENCE}
+
+    preset: Literal["none", "reference"] = "none"  # reference: the reference code's procedure (see REFERENCE)
     tuning: Literal["full", "lora", "ia3"] = "lora"
     rank: int = 4
+    qkv_rank_multiplier: int = 1  # LoRA rank of a layer named *attn.qkv = this × rank (the reference: 3)
     layers: str = "all"  # "all" | "linear" | "conv" | comma-separated fnmatch patterns of module names
-    reg_step: Literal["decoupled", "coupled"] = "coupled"  # decoupled: the reference code's separate SGD step
+    # how the regulariser acts: coupled = a term of the loss (through the optimiser); decoupled = the reference
+    # code's separate explicit SGD step θ ← θ − s∇R; proximal = the implicit step θ ← argmin R + ‖·−θ‖²/(2s)
+    reg_step: Literal["decoupled", "proximal", "coupled"] = "coupled"
     clip_grad: float = 100.0  # per-parameter norm clip of the decoupled regulariser step
+    prox_sweeps: int = 1  # LoRA's proximal step: sweeps of exact block minimisation (A, then B)
     head_reg_fisher: float | None = None  # req_weight_cls; None → α (ITA) or β (IEL)
     head_reg_l2: float = 0.001  # simple_reg_weight_cls
     head_fisher_classes: Literal["past", "all"] | None = None  # None → ITA: past, IEL: all (original code)
     head_init: Literal["anchor", "random"] = "anchor"  # start the trained head from the pre-consolidated one
     align_trained_heads: bool = True  # after each experience, classifier-align the trained heads (SLCA-style)
+    anchor_source: Literal["trained", "persistent"] = "trained"  # the anchor's past heads: copies of the trained
+    # heads, or a pre-tuning classifier kept across experiences (the reference)
     probe_epochs: int = 20  # the probe runs on cached θ0 features, so many epochs are cheap
     probe_lr: float = 0.01
     probe_batch_size: int = 32
+    probe_momentum: float = 0.9
+    probe_drop_last: bool = False
     align_epochs: int = 10  # classifier alignment: align_epochs + align_epochs_per_task · t epochs
     align_epochs_per_task: int = 5
     align_lr: float = 0.01
     align_per_class: int = 256
     align_temperature: float = 0.1
+    align_momentum: float = 0.9
+    align_drop_last: bool = False
     gaussian_components: int = 1
+    gmm_fit: Literal["sklearn", "reference"] = "sklearn"  # how a mixture (components > 1) is fitted
+    gmm_iterations: int = 500
     fisher: Literal["exact", "topk", "sampled"] = "sampled"
     fisher_topk: int = 3
     fisher_mc_samples: int = 1
     fisher_max_examples: int | None = 64  # Fisher on at most this many examples of each experience (None: all)
     fisher_chunk: int = 32
+    # batched: per-example squared gradients from hooks, one batched backward per label (Linear/Conv2d
+    # weights; other targets fall back to vmap); vmap: per-example torch.func gradients (the reference path)
+    fisher_backend: Literal["batched", "vmap"] = "batched"
     eps: float = 1e-5
     cosine_schedule: bool = True  # lr_e = lr·cos(99πe / (200(E−1))) per epoch, as in the reference code
     diagnostics: bool = True  # Jensen gap, Fisher spread, ‖τ‖, cosines after each training step
     diagnostics_examples: int = 100  # per seen test experience
 
+    def __new__(cls, *args, **kwargs):
+        # remember which options the caller gave, so that a preset fills in only the others
+        self = super().__new__(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        object.__setattr__(self, "_explicit", frozenset(names[: len(args)]) | frozenset(kwargs))
+        return self
+
+    def __post_init__(self) -> None:
+        preset = _coerce(self.preset, Literal["none", "reference"], self._where("preset"))
+        for name, value in self.preset_values(preset).items():
+            if name not in getattr(self, "_explicit", ()):
+                setattr(self, name, copy.deepcopy(value))
+        super().__post_init__()
+
+    @classmethod
+    def preset_values(cls, preset: str) -> dict[str, Any]:
+        """The options ``preset`` sets for this method (shared ones, then the method's own)."""
+        out: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            out.update(vars(klass).get("PRESETS", {}).get(preset, {}))
+        return out
+
+    def train_value(self, name: str, given: Any) -> Any:
+        """A ``train.*`` setting the preset decides when the user left it unset (``given is None``)."""
+        if given is not None:
+            return given
+        if self.preset == "reference":
+            return REFERENCE_TRAIN[name]
+        return {"virtual_batch": 1, "virtual_batch_quirk": False}[name]
+
     def check(self) -> None:
         self.require(self.rank >= 1, "rank", "must be >= 1")
+        self.require(self.qkv_rank_multiplier >= 1, "qkv_rank_multiplier", "must be >= 1")
         self.require(self.clip_grad > 0, "clip_grad", "must be > 0")
         self.require(self.head_reg_fisher is None or self.head_reg_fisher >= 0, "head_reg_fisher", "must be >= 0")
         self.require(self.head_reg_l2 >= 0, "head_reg_l2", "must be >= 0")
@@ -56,14 +145,18 @@ class TaskVectorOptions(Options):
             self.require(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("probe_lr", "align_lr", "align_temperature", "eps"):
             self.require(getattr(self, name) > 0, name, "must be > 0")
+        for name in ("probe_momentum", "align_momentum"):
+            self.require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         for name in (
             "align_per_class",
             "probe_batch_size",
             "gaussian_components",
+            "gmm_iterations",
             "fisher_topk",
             "fisher_mc_samples",
             "fisher_chunk",
             "diagnostics_examples",
+            "prox_sweeps",
         ):
             self.require(getattr(self, name) >= 1, name, "must be >= 1")
         self.require(
@@ -76,6 +169,9 @@ class TaskVectorOptions(Options):
 class ITAOptions(TaskVectorOptions):
     """ITA: α is the strength of the Fisher anchor of τ_t to θ0 (Eq. 11–12)."""
 
+    # the reference's current code: the head Fisher over the classes of experiences 0..t (current included)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"reference": {"head_fisher_classes": "all"}}
+
     alpha: float = 0.1
 
     def check(self) -> None:
@@ -87,6 +183,9 @@ class ITAOptions(TaskVectorOptions):
 class IELOptions(TaskVectorOptions):
     """IEL: β scales both the θ0 anchor and the alignment with past task vectors (Eq. 18–19)."""
 
+    # the reference's current code: the head Fisher over the past classes only (ε floor at the first experience)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"reference": {"head_fisher_classes": "past"}}
+
     beta: float = 0.1
 
     def check(self) -> None:
@@ -97,6 +196,9 @@ class IELOptions(TaskVectorOptions):
 @dataclasses.dataclass
 class TaskArithmeticOptions(TaskVectorOptions):
     """Independent fine-tuning from θ0 per experience; composed by average or by a validated sum λ Σ τ_t."""
+
+    # the reference code's ITA with α = 0 (independent τ_t, evaluated at θ0 + (1/T) Σ τ_t)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"reference": {"composition": "average"}}
 
     composition: Literal["average", "sum"] = "sum"
     lambda_grid: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0])

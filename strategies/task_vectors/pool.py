@@ -4,7 +4,9 @@ For every targeted layer with weight W0 (``nn.Linear`` or ``nn.Conv2d``), task `
 produces an additive weight delta ΔW_t:
 
 - ``full``: a dense ΔW_t, initialised to 0;
-- ``lora``: ΔW_t = B_t A_t (W viewed as out × fan-in), B_t = 0 and A_t Kaiming-uniform (a = √5) at start;
+- ``lora``: ΔW_t = B_t A_t (W viewed as out × fan-in), B_t = 0 and A_t ~ U(−b, b), b = 1/√(r·fan-in), at start
+  (the reference's Kaiming-uniform, see :class:`LoRADelta`); a layer named ``*attn.qkv`` (a ViT's fused
+  query/key/value map) gets rank ``qkv_rank_multiplier`` × r;
 - ``ia3``:  ΔW_t = W0 ⊙ (l_t − 1), one scale per output row, l_t = 1 at start.
 
 The network is evaluated at θ0 + Σ_t c_t τ_t through :func:`torch.func.functional_call`, so no copy of the
@@ -37,7 +39,14 @@ class FullDelta(nn.Module):
 
 
 class LoRADelta(nn.Module):
-    """ΔW = B A with W viewed as (out, fan-in); B = 0 so ΔW = 0 at start."""
+    """ΔW = B A with W viewed as (out, fan-in); B = 0 so ΔW = 0 at start.
+
+    A is initialised as the reference code does: Kaiming-uniform with a = √5 on a (1, r, fan_in) tensor, for
+    which torch counts fan_in_torch = r · fan_in (size(1) × receptive field). The bound is then
+    gain · √(3 / fan_in_torch) with gain = √(2 / (1 + a²)) = 1/√3, i.e. b = 1/√(r · fan_in), and
+    Var A = b²/3 = 1/(3 r fan_in). (Kaiming on the (r, fan_in) matrix itself gives b = 1/√fan_in, √r larger.)
+    The draw is the same ``uniform_`` call, so it consumes the random stream exactly as the reference's does.
+    """
 
     def __init__(self, base: torch.Tensor, rank: int):
         super().__init__()
@@ -45,7 +54,9 @@ class LoRADelta(nn.Module):
         r = max(1, min(rank, out, fan_in))
         self.A = nn.Parameter(torch.empty(r, fan_in, dtype=base.dtype, device=base.device))
         self.B = nn.Parameter(torch.zeros(out, r, dtype=base.dtype, device=base.device))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(r * fan_in)
+        with torch.no_grad():
+            self.A.uniform_(-bound, bound)
 
     def forward(self, base: torch.Tensor) -> torch.Tensor:
         return (self.B @ self.A).reshape(base.shape)
@@ -94,7 +105,12 @@ class TaskVectorPool(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, layers: str | Sequence[str] = "all", style: TuningStyle = "lora", rank: int = 4
+        self,
+        model: nn.Module,
+        layers: str | Sequence[str] = "all",
+        style: TuningStyle = "lora",
+        rank: int = 4,
+        qkv_rank_multiplier: int = 1,
     ):
         super().__init__()
         if style not in ("full", "lora", "ia3"):
@@ -102,6 +118,7 @@ class TaskVectorPool(nn.Module):
         self.model = model
         self.style = style
         self.rank = rank
+        self.qkv_rank_multiplier = qkv_rank_multiplier
         self.names = select_layers(model, layers)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -123,11 +140,16 @@ class TaskVectorPool(nn.Module):
         if self.style == "full":
             mods = [FullDelta(base[n].detach()) for n in self.names]
         elif self.style == "lora":
-            mods = [LoRADelta(base[n].detach(), self.rank) for n in self.names]
+            mods = [LoRADelta(base[n].detach(), self.rank_of(n)) for n in self.names]
         else:
             mods = [IA3Delta(base[n].detach()) for n in self.names]
         self.vectors.append(nn.ModuleList(mods))
         return len(self.vectors) - 1
+
+    def rank_of(self, name: str) -> int:
+        """LoRA rank of a targeted weight: ``rank``, times ``qkv_rank_multiplier`` for a fused ``attn.qkv``
+        (three maps stacked in one weight, so each keeps rank r, as in the reference)."""
+        return self.rank * (self.qkv_rank_multiplier if name.endswith("attn.qkv.weight") else 1)
 
     def task_parameters(self, t: int) -> list[nn.Parameter]:
         return list(self.vectors[t].parameters())

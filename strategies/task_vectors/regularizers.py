@@ -9,6 +9,11 @@ IEL (Eq. 18–19):  R = (β/2) Σ_{s≤T} ‖τ_s − τ̄‖²_F̄,  τ̄ = (1/
 IEL at T = 1 (first experience) uses the reference convention r = 1/2, i.e. the gradient (β/2) F̄ τ_1,
 the gradient of (β/4)‖τ_1‖²_F̄ — as if θ0 (τ = 0) were a second member of the ensemble.
 The gradient w.r.t. the parameters of a LoRA/IA3 module follows by the chain rule (:func:`chain_to_params`).
+
+Both are quadratics in τ_T with a diagonal curvature, R(τ_T) = ½ Σ a τ_T² − Σ b τ_T + const and ∇R = a τ_T − b
+(:func:`ita_quadratic`, :func:`iel_quadratic`): ITA a = α F̂, b = 0; IEL a = β (1 − r) F̄, b = β r F̄ Σ_{s<T} τ_s
+with r = 1/T (r = ½, b = 0 at T = 1). The proximal step (:mod:`.proximal`) and the stability number of the
+explicit step (max s·a) are written in these terms.
 """
 
 from __future__ import annotations
@@ -71,3 +76,29 @@ def surrogate(deltas: Deltas, grads: Deltas) -> torch.Tensor:
     """Σ ⟨G, ΔW⟩ with G detached: its autograd gradient is exactly the closed form chained to the parameters.
     Added to the loss for the *coupled* regulariser (the optimiser then sees CE + R gradients together)."""
     return sum((grads[n].detach() * deltas[n]).sum() for n in deltas)
+
+
+Quadratic = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]
+
+
+def ita_quadratic(alpha: float, fisher: Deltas) -> Quadratic:
+    """(a, b) of ITA's (α/2) Σ F̂ τ_T²: a = α F̂, b = 0 (None)."""
+    return {n: alpha * f for n, f in fisher.items()}, None
+
+
+def iel_quadratic(beta: float, fisher: Deltas, past_sum: Deltas | None, num_tasks: int) -> Quadratic:
+    """(a, b) of IEL's objective in τ_T: a = β(1 − r) F̄, b = β r F̄ Σ_{s<T} τ_s, r = 1/T (T = 1: r = ½, b = 0).
+
+    From ∇R = β F̄ [(1 − r) τ_T − r Σ_{s<T} τ_s] = a τ_T − b (:func:`iel_grad`)."""
+    if num_tasks == 1:
+        return {n: 0.5 * beta * f for n, f in fisher.items()}, None
+    r = 1.0 / num_tasks
+    return {n: beta * (1 - r) * f for n, f in fisher.items()}, {
+        n: beta * r * f * past_sum[n] for n, f in fisher.items()
+    }
+
+
+def quadratic_grad(quad: Quadratic, current: Deltas) -> dict[str, torch.Tensor]:
+    """a τ − b at the current deltas (the closed-form gradient of the quadratic)."""
+    a, b = quad
+    return {n: a[n] * current[n].detach() - (b[n] if b is not None else 0.0) for n in current}

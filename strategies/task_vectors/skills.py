@@ -66,6 +66,7 @@ def save_task_vectors(model, path: Path, method: str = "") -> Path:
         "method": method,
         "style": pool.style,
         "rank": str(pool.rank),
+        "qkv_rank_multiplier": str(pool.qkv_rank_multiplier),
         "names": json.dumps(pool.names),
         "head_classes": json.dumps(heads.head_classes),
         "num_tasks": str(pool.num_tasks),
@@ -89,6 +90,7 @@ def load_task_vectors(model, path: Path) -> dict:
     pool, heads = model.pool, model.heads
     if meta["style"] != pool.style or json.loads(meta["names"]) != pool.names:
         raise ValueError(f"{path} holds {meta['style']} task vectors for other layers than this model's")
+    pool.qkv_rank_multiplier = int(meta.get("qkv_rank_multiplier", 1))  # the saved ranks, whatever the caller built
     for t, classes in enumerate(json.loads(meta["head_classes"])):
         pool.add_task()
         for i, mod in enumerate(pool.vectors[t]):
