@@ -79,10 +79,11 @@ def problem_lines(r: subprocess.CompletedProcess) -> list[str]:
 
 def profile(tmp_path: Path, **overrides) -> Path:
     """The CI profile with some fields changed, as a file of its own."""
-    text = (REPO / "slurm" / "profiles" / "ci.yaml").read_text()
-    text += "".join(f"{k}: {json.dumps(v)}\n" for k, v in overrides.items())  # later keys win in YAML
+    import yaml
+
+    data = yaml.safe_load((REPO / "slurm" / "profiles" / "ci.yaml").read_text()) | overrides
     path = tmp_path / "profile.yaml"
-    path.write_text(text)
+    path.write_text(yaml.safe_dump(data))
     return path
 
 

@@ -157,7 +157,7 @@ def describe(sweep: Sweep, kind: str, states: dict[str, store.CellState]) -> str
 
 
 def profile_warnings(sweep: Sweep, kind: str) -> list[str]:
-    """What a SLURM submission would likely trip on, said before it happens (dry-run and submission)."""
+    """What a SLURM submission would likely trip on, said by the dry-run before anything is submitted."""
     p = sweep.profile
     if kind != "slurm" or p.account is not None:
         return []
@@ -316,9 +316,9 @@ def launch(
     kind = kind or sweep.profile.executor
     queued = store.squeue_states() if kind == "slurm" or dry_run else {}
     states = {c.hash: store.cell_state(c.run_dir, queued) for c in sweep.cells}
-    for line in profile_warnings(sweep, kind):
-        print(f"bench: warning: {line}", file=sys.stderr)
-    if dry_run:
+    if dry_run:  # a real submission says it in sbatch's own words, as one error line
+        for line in profile_warnings(sweep, kind):
+            print(f"bench: warning: {line}", file=sys.stderr)
         print(describe(sweep, kind, states), file=out or sys.stdout)
         return None
     ensure_writable_folder(sweep.output, "runs folder")  # one line now, not a traceback in every worker
