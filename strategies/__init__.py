@@ -10,7 +10,8 @@ The public surface (imported lazily, so that ``import clcompose.strategies`` sta
 
 Subpackages, one per family: ``core`` (registry and options, training settings, heads, the Fisher, protocols),
 ``task_vectors`` (ITA, IEL, task arithmetic and their pieces), ``baselines`` (Avalanche's naive, joint, EWC,
-LwF), ``templates`` (template-mixture networks), ``meta`` (meta-learned students), ``metrics`` (pure functions).
+LwF, DER++; SLCA), ``prompts`` (L2P, CODA-Prompt, InfLoRA on a ViT), ``templates`` (template-mixture
+networks), ``meta`` (meta-learned students), ``metrics`` (pure functions).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ _PUBLIC = {
     "IEL": "clcompose.strategies.task_vectors.iel",
     "TaskArithmetic": "clcompose.strategies.task_vectors.task_arithmetic",
     "LambdaSelection": "clcompose.strategies.task_vectors.task_arithmetic",
+    "TMC": "clcompose.strategies.task_vectors.tangent",
+    "TMCOptions": "clcompose.strategies.task_vectors.tangent",
+    "MagMax": "clcompose.strategies.task_vectors.magmax",
+    "MagMaxOptions": "clcompose.strategies.task_vectors.magmax",
     "TaskVectorStrategy": "clcompose.strategies.task_vectors.base",
     "ITAOptions": "clcompose.strategies.task_vectors.options",
     "IELOptions": "clcompose.strategies.task_vectors.options",
@@ -33,6 +38,10 @@ _PUBLIC = {
     "TaskVectorOptions": "clcompose.strategies.task_vectors.options",
     "TaskVectorPool": "clcompose.strategies.task_vectors.pool",
     "ComposableNet": "clcompose.strategies.task_vectors.composable",
+    "DERPlusPlus": "clcompose.strategies.baselines.derpp",
+    "DERPPOptions": "clcompose.strategies.baselines.derpp",
+    "SLCA": "clcompose.strategies.baselines.slca",
+    "SLCAOptions": "clcompose.strategies.baselines.slca",
     "TrainConfig": "clcompose.strategies.core.training",
     "ClassIncrementalNet": "clcompose.strategies.core.heads",
     "ExperienceHeads": "clcompose.strategies.core.heads",

@@ -32,7 +32,8 @@ STRATEGY_LAYERS = {
     "core": 1,
     "metrics": 1,
     "task_vectors": 2,
-    "baselines": 2,
+    "prompts": 2,
+    "baselines": 3,  # SLCA reuses task_vectors' class statistics and classifier alignment
     "meta": 2,
     "templates": 3,
 }

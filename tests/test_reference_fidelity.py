@@ -44,7 +44,7 @@ def test_preset_sets_the_reference_options_and_explicit_values_win():
     assert ITAOptions(preset="reference", fisher="sampled").fisher == "sampled"
     # the expanded options reproduce themselves (the recorded config resolves to the same run)
     assert ITAOptions.from_dict(o.to_dict()) == o
-    assert ITAOptions().reg_step == "coupled" and ITAOptions().probe_epochs == 20  # no preset: the suite's defaults
+    assert ITAOptions().reg_step == "proximal" and ITAOptions().probe_epochs == 20  # no preset: the suite's defaults
 
 
 def test_the_preset_decides_an_unset_virtual_batch_and_an_explicit_one_wins():

@@ -17,7 +17,12 @@ from clcompose.strategies.core.protocols import HeldOutTask
 from clcompose.strategies.core.registry import ConfigError, Options, Registry
 
 BENCHMARKS: Registry = Registry(
-    "benchmark", modules=("clcompose.bench.data.domains", "clcompose.bench.data.teacher_streams")
+    "benchmark",
+    modules=(
+        "clcompose.bench.data.domains",
+        "clcompose.bench.data.teacher_streams",
+        "clcompose.bench.data.paper_benchmarks",
+    ),
 )  # modules that register themselves
 
 
@@ -57,11 +62,15 @@ class StreamOptions(Options):
     test_per_class: int | None = None  # test images kept per class (None: all; the kept ones never change)
     data_root: str | None = None
     download: bool = False
+    # hyperparameter selection: hold out this fraction of every class's (kept) training images and evaluate on
+    # them instead of the test set, which such a run never reads
+    validation: float | None = None
 
     def check(self) -> None:
         self.require(self.n_experiences >= 1, "n_experiences", "must be >= 1")
         self.require(self.per_class is None or self.per_class >= 1, "per_class", "must be >= 1")
         self.require(self.test_per_class is None or self.test_per_class >= 1, "test_per_class", "must be >= 1")
+        self.require(self.validation is None or 0 < self.validation < 1, "validation", "must be in (0, 1)")
 
 
 @dataclasses.dataclass
@@ -102,15 +111,36 @@ def class_order(num_classes: int, stream_seed: int | None) -> list[int]:
     return [int(c) for c in np.random.default_rng(stream_seed).permutation(num_classes)]
 
 
+def split_validation(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``y`` split per class into (train, validation): round(fraction · n_c) of each class's
+    n_c examples (at least one, at most n_c − 1), drawn by ``rng``; both sorted."""
+    train, val = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = min(max(1, int(round(fraction * len(idx)))), len(idx) - 1)
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
 def stream_from_arrays(data: ArrayData, options: StreamOptions, stream_seed: int | None):
-    """Build an Avalanche class-incremental benchmark from arrays (what every offline benchmark uses)."""
+    """Build an Avalanche class-incremental benchmark from arrays (what every offline benchmark uses).
+
+    With ``options.validation`` the evaluation stream is a per-class split of the kept training images (the
+    test set is not read): the data hyperparameter selection scores on."""
     import torch
     from avalanche.benchmarks import class_incremental_benchmark
     from torch.utils.data import TensorDataset
 
     rng = np.random.default_rng(stream_seed if stream_seed is not None else 0)
     tr = subsample_per_class(data.y_train, options.per_class, rng)
-    te = subsample_per_class(data.y_test, options.test_per_class, np.random.default_rng(0))
+    x_eval, y_eval = data.x_test, data.y_test
+    if options.validation is not None:
+        fit, val = split_validation(
+            data.y_train[tr], options.validation, np.random.default_rng([rng.integers(2**32), 1])
+        )
+        x_eval, y_eval, tr = data.x_train[tr[val]], data.y_train[tr[val]], tr[fit]
+    te = subsample_per_class(y_eval, options.test_per_class, np.random.default_rng(0))
 
     def dataset(x: np.ndarray, y: np.ndarray):
         ds = TensorDataset(torch.from_numpy(images_as_float(x)), torch.from_numpy(y))
@@ -119,7 +149,7 @@ def stream_from_arrays(data: ArrayData, options: StreamOptions, stream_seed: int
 
     order = class_order(data.num_classes, stream_seed)
     scenario = class_incremental_benchmark(
-        {"train": dataset(data.x_train[tr], data.y_train[tr]), "test": dataset(data.x_test[te], data.y_test[te])},
+        {"train": dataset(data.x_train[tr], data.y_train[tr]), "test": dataset(x_eval[te], y_eval[te])},
         class_order=order,
         num_classes_per_exp=classes_per_experience(data.num_classes, options.n_experiences),
     )
@@ -129,6 +159,7 @@ def stream_from_arrays(data: ArrayData, options: StreamOptions, stream_seed: int
         "class_names": data.class_names,
         "train_size": int(len(tr)),
         "test_size": int(len(te)),
+        "eval_split": "test" if options.validation is None else f"validation ({options.validation:g} of train)",
         "image_shape": list(data.x_train.shape[1:]),
         "data_digest": data.digest(),
     }

@@ -15,6 +15,11 @@ A sweep file is YAML::
       ewc: {ewc_lambda: {grid: [10, 100]}}     # {grid: [...]} makes a value an axis of the sweep
       ita: {alpha: 0.1, train: {optimizer: adamw, lr: 0.001}}   # per-strategy training (and `backbone:`) overrides
     train: {epochs: 2, lr: 0.05}
+    selected: results/selection/selected.json   # optional: start each strategy entry from its selected values
+    # select: {rule: final_average_accuracy, out: results/selection}   # or: this file IS a selection sweep
+
+A strategies key ``name@tag`` (``ita@alpha0: {alpha: 0}``) is one more entry of strategy ``name``, so one
+strategy can appear with several fixed settings; ``select``/``selected`` are explained in :mod:`.select`.
 
 Each cell is one :class:`~bench.run.RunConfig`; its identity is the content hash of the fully resolved config
 (:func:`bench.run.config_hash`), and its run folder ``<output>/<run id>`` is named from that hash, so the same
@@ -46,6 +51,8 @@ SWEEP_KEYS = (
     "backbones",
     "strategies",
     "train",
+    "select",
+    "selected",
 )
 MAX_CELLS = 10_000  # a larger expansion is refused unless the file raises max_cells (a typo like seeds: 100000)
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")  # one plain folder name: no '/', no '..', no hidden folder
@@ -62,6 +69,8 @@ class Cell:
     run_id: str
     run_dir: Path
     label: str  # e.g. "split-digits small-cnn ewc ewc_lambda=10 s0"
+    entry: str = ""  # the strategies entry it comes from, e.g. "ita@alpha0"
+    varied: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # its grid values per section
 
     @property
     def record_path(self) -> Path:
@@ -78,6 +87,7 @@ class Sweep:
     profile: Any  # bench.profiles.ClusterProfile
     profile_path: Path
     cells: list[Cell]
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # the file's mapping, as read
 
 
 def _seeds(value: Any, where: str) -> Sequence[int]:
@@ -201,7 +211,7 @@ def _apply_overrides(axes: dict[str, list], overrides: dict[str, dict[str, Any]]
         used: set[str] = set()
         entries = []
         for name, opts in axes[key]:
-            fields = set(registry[name].options.field_names())
+            fields = set(registry[name.partition("@")[0]].options.field_names())
             taken = {k: v for k, v in values.items() if k in fields}
             used |= set(taken)
             entries.append((name, opts | taken))
@@ -229,7 +239,10 @@ def expand(
     cell. More than ``max_cells`` cells (default :data:`MAX_CELLS`) are refused before any is built.
     """
     from clcompose.bench.runs.config import config_hash
+    from clcompose.bench.sweeps.select import check_select, load_selected, winner_for
 
+    check_select(data, where)
+    winners = load_selected(data["selected"], where) if data.get("selected") is not None else None
     seeds = _seeds(data.get("seeds"), where)
     stream_seed = data.get("stream_seed", "seed")
     if stream_seed != "seed" and (isinstance(stream_seed, bool) or not isinstance(stream_seed, int) or stream_seed < 0):
@@ -249,16 +262,20 @@ def expand(
     cells: list[Cell] = []
     seen: dict[str, str] = {}
     for (bench_name, bench_opts), (bb_name, bb_opts) in itertools.product(axes["benchmarks"], axes["backbones"]):
-        for seed, (strat_name, strat_opts, strat_train, strat_backbone) in itertools.product(seeds, strategies):
+        for seed, (entry, strat_opts, strat_train, strat_backbone) in itertools.product(seeds, strategies):
+            strat_name = entry.partition("@")[0]
+            won = winner_for(winners, bench_name, entry)
+            if won is not None:  # the entry's own options win over the selected ones
+                strat_opts, strat_train = won["strategy"] | strat_opts, won["train"] | strat_train
             backbone_override = {k: v for k, v in bb_opts.items() if k in (overrides or {}).get("backbone_options", {})}
             for (bo, bv), (ko, kv), (so, sv), (to, tv) in itertools.product(
                 grid(bench_opts, f"{where}: benchmarks.{bench_name}"),
                 grid(bb_opts | strat_backbone | backbone_override, f"{where}: backbones.{bb_name}"),
-                grid(strat_opts, f"{where}: strategies.{strat_name}"),
+                grid(strat_opts, f"{where}: strategies.{entry}"),
                 grid(train | strat_train | train_override, f"{where}: train"),
             ):
                 varied = " ".join(f"{k}={v}" for k, v in (bv | kv | sv | tv).items())
-                label = " ".join(filter(None, [bench_name, bb_name, strat_name, varied, f"s{seed}"]))
+                label = " ".join(filter(None, [bench_name, bb_name, entry, varied, f"s{seed}"]))
                 config = {
                     "benchmark": bench_name,
                     "backbone": bb_name,
@@ -280,7 +297,8 @@ def expand(
                     )
                 seen[digest] = label
                 run_id = resolved.run_id()
-                cells.append(Cell(config, digest, run_id, output / run_id, label))
+                values = {"benchmark": bv, "backbone": kv, "strategy": sv, "train": tv}
+                cells.append(Cell(config, digest, run_id, output / run_id, label, entry, values))
     return cells
 
 
@@ -305,22 +323,30 @@ def _check_size(data, seeds, axes, strategies, train, train_override, where: str
         )
 
 
+def load_sweep_data(path: str | Path) -> dict[str, Any]:
+    """A sweep file's mapping, its top-level keys checked (nothing expanded)."""
+    data = read_yaml_mapping(Path(path), "sweep")
+    unknown = sorted(set(data) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SWEEP_KEYS)}")
+    return data
+
+
 def load_sweep(
     path: str | Path,
     profile: str | None = None,
     runs_dir: str | Path | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
+    scale: str | None = None,
 ) -> Sweep:
     """Read, validate and expand a sweep file (``profile`` and ``runs_dir`` override its cluster and output,
-    ``overrides`` (``--set``) the options of every cell)."""
+    ``overrides`` (``--set``) the options of every cell; ``scale="smoke"``: :mod:`.scale`'s tiny version)."""
     from clcompose.bench.sweeps.profiles import load_profile
+    from clcompose.bench.sweeps.scale import apply_scale
 
     path = Path(path)
-    data = read_yaml_mapping(path, "sweep")
+    data = apply_scale(load_sweep_data(path), scale, str(path))
     where = str(path)
-    unknown = sorted(set(data) - set(SWEEP_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SWEEP_KEYS)}")
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not NAME.match(name) or name in (".", ".."):
         raise ConfigError(
@@ -337,4 +363,4 @@ def load_sweep(
     what = "--runs-dir" if runs_dir is not None else f"{where}: output"
     output = check_folder_path(Path(output).expanduser(), what).absolute()
     cells = expand(data, prof, output, where, overrides)
-    return Sweep(name=name, path=path, output=output, profile=prof, profile_path=prof_path, cells=cells)
+    return Sweep(name=name, path=path, output=output, profile=prof, profile_path=prof_path, cells=cells, data=data)

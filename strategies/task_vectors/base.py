@@ -33,17 +33,19 @@ from clcompose.strategies.core.per_example import layer_fisher_sum, supported
 from clcompose.strategies.core.training import TrainConfig, VirtualBatchEpoch, make_optimizer, template_kwargs
 from clcompose.strategies.task_vectors import regularizers as R
 from clcompose.strategies.task_vectors.composable import ComposableNet
+from clcompose.strategies.task_vectors.composition import Composition, composition_plugins
 from clcompose.strategies.task_vectors.consolidation import (
     ClassGaussians,
     align_classifier,
     anchor_heads,
     has_train_augmentation,
 )
-from clcompose.strategies.task_vectors.diagnostics import second_order_diagnostics
+from clcompose.strategies.task_vectors.diagnostics import DiagnosticsCache, second_order_diagnostics
 from clcompose.strategies.task_vectors.options import TaskVectorOptions, layer_selection
 from clcompose.strategies.task_vectors.pool import TaskVectorPool
 from clcompose.strategies.task_vectors.skills import save_task_vectors
 from clcompose.strategies.task_vectors.steps import RegularizerSteps
+from clcompose.strategies.task_vectors.theta0 import retained_fisher_modules, theta0_fisher, theta0_pass
 
 
 class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate):
@@ -54,7 +56,7 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
     """
 
     method: ClassVar[str] = ""
-    train_composition: ClassVar[Literal["individual", "composed"]] = "individual"
+    train_composition: ClassVar[Literal["individual", "composed", "tangent"]] = "individual"
     default_head_fisher_classes: ClassVar[Literal["past", "all"]] = "all"
 
     def __init__(
@@ -96,6 +98,10 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
         self.warnings: list[str] = []
         self.warned: set[str] = set()
         self.diagnostics: list[dict] = []
+        self.diagnostics_cache = DiagnosticsCache()  # features of frozen task models; the diagnostics' seconds
+        model.composition = Composition(options.composition, density=options.ties_density_grid[0])
+        self.composition_plugins = composition_plugins(options, self.strength())  # λ selection, merge Fishers
+        plugins = [*plugins, *self.composition_plugins]
         self.prep_times: list[dict] = []
         self._diag_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         placeholder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.lr)  # replaced per experience
@@ -155,20 +161,9 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
             collate_fn=getattr(dataset, "collate_fn", None),
         )
 
-    @torch.no_grad()
     def _base_features(self, dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """θ0 features, labels and inputs of a dataset (no task vector applied)."""
-        feats, labels, inputs = [], [], []
-        base = self.pool.base_weights()
-        was_training = self.model.training
-        self.model.eval()
-        for batch in self.loader(dataset):
-            x, y = batch[0].to(self.device), batch[1].to(self.device)
-            feats.append(self.pool.forward_with(base, x))
-            labels.append(y)
-            inputs.append(x)
-        self.model.train(was_training)
-        return torch.cat(feats), torch.cat(labels), torch.cat(inputs)
+        return theta0_pass(self, dataset)[:3]
 
     # ------------------------------------------------------------------ experience set-up
     def check_model_and_optimizer(self, reset_optimizer_state=False, **kwargs):
@@ -189,7 +184,9 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
         gen = self._rng()
         timing = {"experience": t}
         if self._needs_anchor():
-            feats, labels, inputs = self._base_features(self.adapted_dataset)
+            retain = retained_fisher_modules(self, len(self.adapted_dataset))  # the Fisher reuses the θ0 pass
+            feats, labels, inputs, retained = theta0_pass(self, self.adapted_dataset, retain)
+            timing["theta0_s"] = time.perf_counter() - t0
             self.stats.fit(feats.cpu(), labels.cpu(), seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             self.anchor = self._consolidate(feats, labels, gen)
             timing["consolidation_s"] = time.perf_counter() - t0
@@ -197,7 +194,7 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
                 t1 = time.perf_counter()
                 if opts.fisher_max_examples is not None and len(inputs) > opts.fisher_max_examples:
                     inputs = inputs[torch.randperm(len(inputs), generator=gen)[: opts.fisher_max_examples]]
-                sums, count = self.backbone_fisher(inputs, gen)
+                sums, count = theta0_fisher(self, retained, gen) if retained is not None else self.backbone_fisher(inputs, gen)
                 self.fisher.add(sums, count)
                 timing["fisher_s"] = time.perf_counter() - t1
             self.head_fisher = self.classifier_fisher(gen) if self.head_reg_fisher > 0 else None
@@ -357,7 +354,7 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
     def _after_training_exp(self, **kwargs):
         t = self.task
         self.step_counts.append(self.optimizer_steps)
-        if self.optimizer_steps == 0:
+        if self.optimizer_steps == 0 and self.train_epochs > 0:
             self.warn_once(
                 "no-step",
                 f"experience {t} took no optimiser step: each epoch had too few mini-batches for one virtual batch "
@@ -403,7 +400,7 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
 
     def _after_eval(self, **kwargs):
         if self.options.diagnostics and self._diag_batches and self.pool.num_tasks > 0:
-            row = second_order_diagnostics(self.model, self._diag_batches, self.fisher)
+            row = second_order_diagnostics(self.model, self._diag_batches, self.fisher, self.diagnostics_cache)
             row["tasks"] = self.pool.num_tasks
             self.diagnostics = [d for d in self.diagnostics if d["tasks"] != row["tasks"]] + [row]
         self._diag_batches = []
@@ -418,13 +415,14 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
             "preparation": [
                 {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()} for d in self.prep_times
             ],
-            "lambda": None,
+            "lambda": next((p.rows or None for p in self.composition_plugins if hasattr(p, "rows")), None),
             "virtual_batch": self.virtual_batch,
             "virtual_batch_quirk": self.virtual_batch_quirk,
             "optimizer_steps": self.step_counts,
             "stability": self.stability,
             "warnings": self.warnings,
             "diagnostics": self.diagnostics,
+            "diagnostics_seconds": self.diagnostics_cache.seconds,  # measured apart from training
         }
 
     def save_artifacts(self, folder: Path) -> list[str]:

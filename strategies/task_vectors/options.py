@@ -65,9 +65,11 @@ class TaskVectorOptions(Options):
     rank: int = 4
     qkv_rank_multiplier: int = 1  # LoRA rank of a layer named *attn.qkv = this × rank (the reference: 3)
     layers: str = "all"  # "all" | "linear" | "conv" | comma-separated fnmatch patterns of module names
-    # how the regulariser acts: coupled = a term of the loss (through the optimiser); decoupled = the reference
-    # code's separate explicit SGD step θ ← θ − s∇R; proximal = the implicit step θ ← argmin R + ‖·−θ‖²/(2s)
-    reg_step: Literal["decoupled", "proximal", "coupled"] = "coupled"
+    # how the regulariser acts: proximal = the implicit step θ ← argmin R + ‖·−θ‖²/(2s), the reference's update to
+    # first order and stable for any strength; decoupled = the reference code's explicit SGD step θ ← θ − s∇R
+    # (diverges once s·strength·F > 2); coupled = a term of the loss (through the optimiser; the default until the
+    # proximal step existed). examples/sweep-reg-steps.yaml measured proximal = coupled in accuracy, never diverging
+    reg_step: Literal["decoupled", "proximal", "coupled"] = "proximal"
     clip_grad: float = 100.0  # per-parameter norm clip of the decoupled regulariser step
     prox_sweeps: int = 1  # LoRA's proximal step: sweeps of exact block minimisation (A, then B)
     head_reg_fisher: float | None = None  # req_weight_cls; None → α (ITA) or β (IEL)
@@ -104,6 +106,17 @@ class TaskVectorOptions(Options):
     cosine_schedule: bool = True  # lr_e = lr·cos(99πe / (200(E−1))) per epoch, as in the reference code
     diagnostics: bool = True  # Jensen gap, Fisher spread, ‖τ‖, cosines after each training step
     diagnostics_examples: int = 100  # per seen test experience
+    # how the task vectors are composed at evaluation (strategies/task_vectors/composition.py): average (1/T)Σ τ_t;
+    # sum λΣ τ_t; ties λ·TIES(τ; density); magmax λ·MagMax(τ); fisher Σ F_t τ_t / Σ F_t; tangent the linearised
+    # network f(θ0) + J(θ0)·(1/T)Σ τ_t. λ and the TIES density are chosen on validation data held out of the
+    # training experiences (val_fraction of each, only for the rules with a hyperparameter: sum, ties, magmax)
+    composition: Literal["average", "sum", "ties", "magmax", "fisher", "tangent"] = "average"
+    lambda_grid: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0])
+    ties_density_grid: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.2, 0.3])  # TIES top-k
+    val_fraction: float = 0.1
+    # composition=fisher: stored = the per-experience θ0 Fisher the regulariser keeps (needs α/β > 0); task = the
+    # Fisher of each task's own model θ0 + τ_t with its head over its classes, after its training (Matena & Raffel)
+    merge_fisher: Literal["stored", "task"] = "stored"
 
     def __new__(cls, *args, **kwargs):
         # remember which options the caller gave, so that a preset fills in only the others
@@ -163,6 +176,15 @@ class TaskVectorOptions(Options):
             self.fisher_max_examples is None or self.fisher_max_examples >= 1, "fisher_max_examples", "must be >= 1"
         )
         self.require(bool(self.layers.strip()), "layers", "must name layers")
+        self.require(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
+        self.require(
+            bool(self.lambda_grid) and all(v > 0 for v in self.lambda_grid), "lambda_grid", "must hold positive values"
+        )
+        self.require(
+            bool(self.ties_density_grid) and all(0 < v <= 1 for v in self.ties_density_grid),
+            "ties_density_grid",
+            "must hold values in (0, 1]",
+        )
 
 
 @dataclasses.dataclass
@@ -200,14 +222,6 @@ class TaskArithmeticOptions(TaskVectorOptions):
     # the reference code's ITA with α = 0 (independent τ_t, evaluated at θ0 + (1/T) Σ τ_t)
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"reference": {"composition": "average"}}
 
-    composition: Literal["average", "sum"] = "sum"
-    lambda_grid: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0])
-    val_fraction: float = 0.1
+    composition: Literal["average", "sum", "ties", "magmax", "fisher", "tangent"] = "sum"
+    merge_fisher: Literal["stored", "task"] = "task"  # no θ0 Fisher is stored without a regulariser
     head_reg_l2: float = 0.0
-
-    def check(self) -> None:
-        super().check()
-        self.require(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
-        self.require(
-            bool(self.lambda_grid) and all(v > 0 for v in self.lambda_grid), "lambda_grid", "must hold positive values"
-        )

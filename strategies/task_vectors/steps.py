@@ -8,12 +8,13 @@
   explicit plain-SGD step θ ← θ − s clip(∇R) on the current task vector and head, with s = lr_e / lr the cosine
   schedule's factor and clip the per-parameter norm clip of ``torch.nn.utils.clip_grad_norm_``
   (g · min(1, c / (‖g‖ + 1e-6)), c = ``clip_grad``);
-- ``proximal``: at the same place, the implicit step θ ← argmin_u R(u) + ‖u − θ‖²/(2s) (:mod:`.proximal`),
-  no clip needed.
+- ``proximal`` (default): at the same place, the implicit step θ ← argmin_u R(u) + ‖u − θ‖²/(2s)
+  (:mod:`.proximal`), no clip needed: the reference's update to first order in s·a, and stable for any strength.
 
 Both separate steps run once per optimiser step, i.e. once per virtual batch under gradient accumulation.
 Each experience records the stability number of the explicit step (s·max a with s = 1, the first epoch's
-factor, and a the regulariser's curvature on ΔW: ITA α F̂, IEL β (1 − 1/T) F̄, :mod:`.regularizers`); when it
+factor, and a the regulariser's curvature on ΔW: ITA α F̂, IEL β (1 − r) F̄ with r = 1/T, ½ at T = 1,
+:mod:`.regularizers`), also in the tuned parameters' own coordinates for IA3, and the head's; when one
 exceeds 2 under ``decoupled`` a warning goes to the log and to ``strategy_extras.warnings``, once per run.
 """
 
