@@ -73,6 +73,7 @@ def run_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": "train",
         "batch_size": "train",
         "lr": "train",
+        "checkpoint_every_min": "train",
     }
     for key, section in shortcuts.items():
         value = getattr(args, key)
@@ -116,7 +117,11 @@ def _load_sweep(args: argparse.Namespace):
     from clcompose.bench.sweeps.sweep import load_sweep
 
     sweep = load_sweep(
-        args.file, profile=args.profile, runs_dir=args.runs_dir, overrides=parse_assignments(args.set or [])
+        args.file,
+        profile=args.profile,
+        runs_dir=args.runs_dir,
+        overrides=parse_assignments(args.set or []),
+        scale=getattr(args, "scale", None),
     )
     if getattr(args, "workers", None) is not None:
         if args.workers < 1:
@@ -146,9 +151,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from clcompose.bench.io import display_path
+    from clcompose.bench.sweeps.select import write_selection
+
+    written = write_selection(_load_sweep(args), args.out)
+    print(f"selection → {', '.join(display_path(p) for p in written)}")
+    return 0
+
+
 def _sweep_options(args: argparse.Namespace) -> dict[str, Any]:
     """How sweep files among the paths are expanded (as `bench sweep` was given them)."""
-    return {"profile": args.profile, "runs_dir": args.runs_dir, "overrides": parse_assignments(args.set or [])}
+    options = {"profile": args.profile, "runs_dir": args.runs_dir, "overrides": parse_assignments(args.set or [])}
+    return options | {"scale": args.scale}
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
@@ -173,17 +188,29 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_targets(args: argparse.Namespace) -> int:
+    from clcompose.bench.report.aggregate import load_results
+    from clcompose.bench.report.output import require_records
+    from clcompose.bench.report.targets import check, load_targets
+
+    if not args.margin >= 0:
+        raise ConfigError(f"--margin must be >= 0, got {args.margin}")
+    results = load_results(args.paths, **_sweep_options(args))
+    require_records(results, list(args.paths))
+    _report_skipped(results)
+    lines, failures = check(results, load_targets(args.targets), args.margin)
+    if not lines:
+        raise ConfigError("no finished cell has a paper target (see examples/paper/targets.yaml)")
+    print("\n".join(lines))
+    print(f"{len(lines) - len(failures)} of {len(lines)} cells within {args.margin:g} points of the paper")
+    return 1 if failures else 0
+
+
 def _report_skipped(results) -> None:
     if results.skipped:
         print(f"bench: skipped {len(results.skipped)} unreadable record file(s):", file=sys.stderr)
         for path, reason in results.skipped:
             print(f"  {path}: {reason}", file=sys.stderr)
-
-
-def cmd_perf(args: argparse.Namespace) -> int:
-    from clcompose.bench.perf.records import main as perf_main
-
-    return perf_main(records=args.records, help_runs=args.help_runs, keep=args.keep)
 
 
 def cmd_main(args: argparse.Namespace) -> int:
@@ -225,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--lr", type=float)
+    p.add_argument(
+        "--checkpoint-every-min",
+        type=float,
+        dest="checkpoint_every_min",
+        help="also checkpoint inside an experience every N minutes (0: every mini-batch), to resume mid-way",
+    )
     p.add_argument("--device")
     p.add_argument("--threads", type=int)
     p.add_argument(
@@ -243,7 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("list", help="list benchmarks, backbones and strategies with their options' types and defaults")
-    p.add_argument("--refresh", action="store_true", help="rebuild the cached description (it follows the code)")
+    p.add_argument(
+        "--refresh",
+        action="store_true",
+        help="describe the registries live (slow: imports them) and rewrite the shipped description if it changed",
+    )
     p.set_defaults(func=cmd_list)
 
     from clcompose.bench.cli.skills import add_parser as add_skills_parser  # light module: argparse only at import
@@ -269,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
             action="append",
             metavar="SECTION.KEY=VALUE",
             help="an option for every cell (strategy.*/benchmark.*/backbone.*: every one that has it; repeatable)",
+        )
+        p.add_argument(
+            "--scale", choices=("smoke",), help="smoke: the same cells shrunk to a tiny ViT and generated data (CPU)"
         )
 
     p = sub.add_parser(
@@ -306,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sweep_args(p, paths=False)
 
+    p = sub.add_parser(
+        "select", help="pick each strategy's hyperparameters from a finished selection sweep (validation data)"
+    )
+    sweep_args(p)
+    p.add_argument("--out", help="folder for selected.json and its page (default: the file's select.out)")
+    p.set_defaults(func=cmd_select)
+
     p = sub.add_parser("aggregate", help="read result records and write per-benchmark tables (CSV, Markdown, LaTeX)")
     report_args(p, "output folder (tables go to OUT/tables; the previous generation's files are replaced)")
     p.set_defaults(func=cmd_aggregate)
@@ -317,11 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", dest="no_plots")
     p.set_defaults(func=cmd_leaderboard)
 
-    p = sub.add_parser("perf", help="measure aggregation of synthetic records and `bench --help` latency")
-    p.add_argument("--records", type=int, default=10_000)
-    p.add_argument("--help-runs", type=int, default=5, dest="help_runs")
-    p.add_argument("--keep", help="keep the synthetic records in this folder")
-    p.set_defaults(func=cmd_perf)
+    p = sub.add_parser(
+        "check-targets", help="exit 1 when a finished cell is worse than the paper's number by more than a margin"
+    )
+    p.add_argument("paths", nargs="+", help="run folders, record files, or sweep YAML files")
+    p.add_argument("--margin", type=float, default=1.0, help="points of accuracy below the paper that pass (default 1)")
+    p.add_argument("--targets", help="targets file (default examples/paper/targets.yaml)")
+    sweep_args(p, paths=False)
+    p.set_defaults(func=cmd_check_targets)
+
+    from clcompose.bench.perf.command import add_parser as add_perf_parser  # light module: argparse only at import
+
+    add_perf_parser(sub)
 
     p = sub.add_parser("main", help="the main job: run examples/default.yaml locally, then regenerate results/")
     sweep_args(p, file_default=str(resource_dir("examples") / "default.yaml"))

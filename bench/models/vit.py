@@ -14,6 +14,7 @@ import dataclasses
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import torch
@@ -23,6 +24,11 @@ from clcompose.bench.models.backbones import BACKBONES, resize, to_channels
 from clcompose.strategies.core.registry import ConfigError, Options
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+NORMALIZATION = {  # per-channel (mean, std) applied to images in [0, 1]
+    "in21k": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
 
 
 @dataclasses.dataclass
@@ -37,6 +43,9 @@ class ViTOptions(Options):
     embed_dim: int | None = None
     num_heads: int | None = None
     patch_size: int | None = None
+    # input normalisation: the in21k augreg recipe (mean = std = 0.5; the reference's Split CIFAR-100), ImageNet's
+    # statistics (the reference's CUB, MIT-67, RESISC45, CropDiseases configs), or none (its ImageNet-R config)
+    normalization: Literal["in21k", "imagenet", "none"] = "in21k"
 
     def check(self) -> None:
         self.require(self.img_size >= 8, "img_size", "must be >= 8")
@@ -76,7 +85,7 @@ class _CacheOnly:
 
 
 class TimmViT(nn.Module):
-    """Images → resize → normalise with mean = std = 0.5 (the augreg in21k recipe) → [CLS] features."""
+    """Images → resize → normalise (``normalization``; in21k augreg: mean = std = 0.5) → [CLS] features."""
 
     def __init__(self, options: ViTOptions):
         super().__init__()
@@ -117,10 +126,13 @@ class TimmViT(nn.Module):
             ) from None
         self.img_size = options.img_size
         self.out_features = self.net.num_features
+        mean, std = NORMALIZATION[options.normalization]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = resize(to_channels(x, 3), self.img_size)
-        return self.net((x - 0.5) / 0.5)
+        return self.net((x - self.mean) / self.std)
 
 
 @BACKBONES.register("vit-b16", ViTOptions)

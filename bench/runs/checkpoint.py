@@ -69,6 +69,8 @@ def save(path: Path, strategy: Any, loop: dict[str, Any], summary: dict[str, Any
     for name in TRANSIENT_ATTRIBUTES:
         if hasattr(clone, name):
             setattr(clone, name, None)
+    if isinstance(getattr(clone, "plugins", None), list):  # progress bars and the like: this attempt's own
+        clone.plugins = [p for p in clone.plugins if not getattr(p, "transient", False)]
     payload = {"format": FORMAT, "strategy": clone, "rng_manager": RNGManager, "loop": loop}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     evaluator = getattr(strategy, "evaluator", None)
@@ -117,6 +119,18 @@ def load(path: Path, strategy: Any, device: str = "cpu") -> dict[str, Any]:
     return payload["loop"]
 
 
+def strategy_state(path: Path, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The strategy state stored in ``path`` (its attributes) and the loop state, for a mid-experience resume."""
+    import avalanche.checkpointing  # noqa: F401
+    import torch
+
+    with _dill_by_reference() as dill, contextlib.redirect_stdout(io.StringIO()):
+        payload = torch.load(path, pickle_module=dill, map_location=device, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a run checkpoint of format {FORMAT}")
+    return dict(payload["strategy"].__dict__), payload["loop"]
+
+
 def _sidecar(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
@@ -159,3 +173,4 @@ def remove(path: Path) -> None:
     """Delete a checkpoint and its summary (once the record is safely written)."""
     Path(path).unlink(missing_ok=True)
     _sidecar(path).unlink(missing_ok=True)
+    Path(path).with_name(f"{Path(path).stem}-inside{Path(path).suffix}").unlink(missing_ok=True)  # inside.Saver's

@@ -22,12 +22,17 @@ class LoggerOptions(Options):
     nothing in it, so they are not part of the run's identity (its config hash) nor of the record's config."""
 
     loggers: list[Literal["tensorboard", "csv", "wandb", "text"]] = dataclasses.field(default_factory=list)
+    # checkpoints inside an experience every N minutes (0: at every mini-batch; None: only between experiences);
+    # like the loggers, it changes nothing in the run (a resumed run is bit-identical), so it is not hashed
+    checkpoint_every_min: float | None = None
 
     def _where(self, name: str) -> str:
         return f"train.{name}"
 
     def check(self) -> None:
         self.require(len(set(self.loggers)) == len(self.loggers), "loggers", "must not name a logger twice")
+        every = self.checkpoint_every_min
+        self.require(every is None or every >= 0, "checkpoint_every_min", "must be >= 0")
 
 
 @dataclasses.dataclass
@@ -78,7 +83,7 @@ class RunConfig:
         from clcompose.strategies.core.training import TrainConfig
 
         train = dict(self.train)
-        loggers = LoggerOptions.from_dict({"loggers": train.pop("loggers")} if "loggers" in train else {})
+        loggers = LoggerOptions.from_dict({k: train.pop(k) for k in LoggerOptions.field_names() if k in train})
         entry = BENCHMARKS[self.benchmark]
         benchmark = entry.options.from_dict(self.benchmark_options, f"benchmark {self.benchmark!r}")
         check = getattr(entry.factory, "check_options", None)  # limits that depend on the data, e.g. its classes
@@ -94,6 +99,7 @@ class RunConfig:
             strategy=STRATEGIES[self.strategy].options.from_dict(self.strategy_options, f"strategy {self.strategy!r}"),
             train=_train_config(TrainConfig, train),
             loggers=list(loggers.loggers),
+            checkpoint_every_min=loggers.checkpoint_every_min,
         )
 
 
@@ -102,7 +108,7 @@ def _train_config(cls: type[Options], train: dict[str, Any]) -> Options:
         return cls.from_dict(train, "train")
     except ConfigError as exc:
         if str(exc).startswith("unknown option"):
-            raise ConfigError(f"{exc}, loggers") from None  # train.loggers is taken out before TrainConfig
+            raise ConfigError(f"{exc}, loggers, checkpoint_every_min") from None  # taken out before TrainConfig
         raise
 
 
@@ -117,6 +123,7 @@ class ResolvedRun:
     strategy: Options
     train: Options
     loggers: list[str] = dataclasses.field(default_factory=list)
+    checkpoint_every_min: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The full config with every default filled in (what a record stores and its id hashes)."""

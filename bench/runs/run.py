@@ -133,14 +133,29 @@ def _train(session, resolved, loop, started, progress, checkpoint_path, on_step,
         disable=not progress,
         leave=False,
     )
+    from clcompose.bench.runs import inside
+
+    saver = inside.Saver(checkpoint_path, session, loop["config_hash"])
     for i in range(loop["next_step"], n_steps):
         experiences = session.steps[i]
         session.seen(i)
         t, c = time.perf_counter(), time.process_time()
-        session.strategy.train(experiences, eval_streams=[])
+        resume = saver.resume(i, cfg.device)
+        counts = inside.run_step(
+            session.strategy,
+            experiences,
+            resolved.train,
+            cfg.device,
+            progress=progress,
+            description=f"experience {i + 1}/{n_steps}",
+            every_min=resolved.checkpoint_every_min if checkpoint_path is not None else None,
+            save=saver.for_step(i),
+            resume=resume,
+        )
         train_wall, train_cpu = time.perf_counter() - t, time.process_time() - c
         t = time.perf_counter()
-        row = accuracy_row(session.strategy.eval(session.test_stream), n_exp)
+        eval_kwargs = inside.loader_kwargs(resolved.train, cfg.device) if hasattr(session.strategy, "plugins") else {}
+        row = accuracy_row(session.strategy.eval(session.test_stream, **eval_kwargs), n_exp)
         loop["matrix"].append(row)
         if isinstance(session.benchmark, StepMetrics):
             with torch.random.fork_rng(devices=[]):
@@ -156,12 +171,14 @@ def _train(session, resolved, loop, started, progress, checkpoint_path, on_step,
                 "train_cpu_s": round(train_cpu, 4),
                 "eval_wall_s": round(time.perf_counter() - t, 4),
             }
+            | inside.throughput(counts, resume)
         )
         loop["next_step"] = i + 1
         loop["wall_s"] = earlier_wall + time.perf_counter() - wall0
         loop["cpu_s"] = earlier_cpu + time.process_time() - cpu0
         if checkpoint_path is not None:
             checkpoint_path = _save_checkpoint(Path(checkpoint_path), session, loop, attempts)
+        saver.done()
         bar.update()
         bar.set_postfix(acc=f"{sum(row[: i + 1]) / (i + 1):.3f}")
         if on_step is not None:

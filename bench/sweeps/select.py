@@ -16,7 +16,8 @@ validation stream), the winner (the highest score; ties: the first in grid order
 names that file (``selected: results/selection/selected.json``, relative to the working directory) and each of
 its strategy entries starts from the winner of the entry of the same key, or else of the same strategy
 (``ita@alpha0`` → ``ita``): the entry's own options win over the winner's, so ``ita@alpha0: {alpha: 0}`` is ITA
-with the selected learning rate and no regulariser, a control.
+with the selected learning rate and no regulariser, a control. ``selected_from: naive`` in an entry takes another
+entry's winner instead (e.g. SLCA's naive-with-alignment control at naive's selected learning rate).
 """
 
 from __future__ import annotations
@@ -105,11 +106,17 @@ def load_selected(value: Any, where: str) -> dict[str, dict[str, dict[str, Any]]
     return winners
 
 
-def winner_for(winners: dict | None, benchmark: str, entry: str) -> dict[str, dict[str, Any]] | None:
-    """The selected values an entry of a final sweep starts from (its own key first, then its strategy's)."""
-    if not winners or benchmark not in winners:
-        return None
-    table = winners[benchmark]
+def winner_for(
+    winners: dict | None, benchmark: str, entry: str, strict: bool = False, where: str = ""
+) -> dict[str, dict[str, Any]] | None:
+    """The selected values an entry of a final sweep starts from (its own key first, then its strategy's;
+    ``strict``: exactly ``entry``, which must exist — an entry's ``selected_from: naive``)."""
+    table = (winners or {}).get(benchmark, {})
+    if strict:
+        if entry not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise ConfigError(f"{where}: selected_from: {entry!r} has no winner for {benchmark} (selected: {known})")
+        return table[entry]
     return table.get(entry) or table.get(split_entry(entry)[0])
 
 
@@ -209,12 +216,15 @@ def tuning_lines(data: dict[str, Any], entries: Sequence[str], where: str) -> li
     lines = []
     for bench in data.get("benchmarks") or {}:
         for entry in entries:
-            won = winner_for(winners, bench, entry)
+            own = (data.get("strategies") or {}).get(entry) or {}
+            source = own.get("selected_from")
+            won = winner_for(winners, bench, source or entry, strict=source is not None, where=where)
             if won is None:
                 lines.append(f"- `{entry}` ({bench}): set by hand in the sweep file")
             else:
-                own = (data.get("strategies") or {}).get(entry) or {}
-                fixed = {k: v for k, v in own.items() if k != "train"} | dict(own.get("train") or {})
-                text = f"- `{entry}` ({bench}): selected on validation data (`{selected}`): {_values_text(won)}"
+                fixed = {k: v for k, v in own.items() if k not in ("train", "selected_from")}
+                fixed |= dict(own.get("train") or {})
+                origin = f" (the winner of `{source}`)" if source else ""
+                text = f"- `{entry}` ({bench}): selected on validation data{origin}: {_values_text(won)}"
                 lines.append(text + (f"; fixed by the sweep file: {fixed}" if fixed else ""))
     return lines

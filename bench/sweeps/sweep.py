@@ -264,7 +264,11 @@ def expand(
     for (bench_name, bench_opts), (bb_name, bb_opts) in itertools.product(axes["benchmarks"], axes["backbones"]):
         for seed, (entry, strat_opts, strat_train, strat_backbone) in itertools.product(seeds, strategies):
             strat_name = entry.partition("@")[0]
-            won = winner_for(winners, bench_name, entry)
+            strat_opts = dict(strat_opts)
+            source = strat_opts.pop("selected_from", None)
+            if source is not None and winners is None:
+                raise ConfigError(f"{where}: strategies.{entry}.selected_from needs a `selected:` file")
+            won = winner_for(winners, bench_name, source or entry, strict=source is not None, where=where)
             if won is not None:  # the entry's own options win over the selected ones
                 strat_opts, strat_train = won["strategy"] | strat_opts, won["train"] | strat_train
             backbone_override = {k: v for k, v in bb_opts.items() if k in (overrides or {}).get("backbone_options", {})}
