@@ -69,7 +69,7 @@ def test_tidy_frames_and_skipped_files(store):
     }  # lists averaged, matrices and counts left out
 
 
-def test_summary_table_is_mean_and_sd_over_seeds(store):
+def test_summary_table_is_mean_and_t_interval_over_seeds(store):
     runs, good = store
     res = load_results([runs])
     table = summary_table(res, "split-fmnist")
@@ -88,7 +88,9 @@ def test_summary_table_is_mean_and_sd_over_seeds(store):
         100 * np.mean([r["metrics"]["final_average_accuracy"] for r in ewc]),
         100 * np.std([r["metrics"]["final_average_accuracy"] for r in ewc], ddof=1),
     )
-    assert f"| 3 | {mean:.1f} ± {sd:.1f} |" in line
+    half = 4.302652729911275 * sd / np.sqrt(3)  # Student's t 0.975 quantile at 2 degrees of freedom (tables)
+    assert row["final_average_accuracy_ci95"] == pytest.approx(half / 100)
+    assert f"| 3 | {mean:.1f} ± {half:.1f} |" in line
     assert re.search(r"\| joint \| 3 \| [\d.]+ ± [\d.]+ \| – \| – \|", md)
     tex = to_latex(table, "split_fmnist & co")
     assert r"\toprule" in tex and r"task-arithmetic" in tex and r"split\_fmnist \& co" in tex and r"$\pm$" in tex

@@ -110,6 +110,25 @@ def test_select_picks_the_best_mean_validation_accuracy_and_the_final_sweep_star
     assert any(line.startswith("- `ewc` (split-digits): set by hand") for line in lines)
     assert any("`naive@slow`" in line and "fixed by the sweep file" in line for line in lines)
 
+    # the leaderboard of a final sweep: how each row was tuned, and the paired comparison of its compare: pairs
+    two = tmp_path / "two.yaml"
+    text = FINAL.replace("SELECTED", str(out / "selected.json")).replace("seeds: [3]", "seeds: [3, 4]")
+    text = text.split("  lwf: {}")[0] + "compare: [[naive, naive@slow]]\ntrain: {epochs: 1, batch_size: 16, lr: 0.01}\n"
+    two.write_text(text)
+    runs = str(tmp_path / "two-runs")
+    assert main(["sweep", str(two), "--executor", "debug", "--runs-dir", runs, "--quiet"]) == 0
+    assert main(["leaderboard", str(two), "--runs-dir", runs, "--out", str(tmp_path / "lb"), "--no-plots"]) == 0
+    page = (tmp_path / "lb" / "README.md").read_text()
+    assert "## How each row's hyperparameters were chosen" in page and "selected on validation data" in page
+    acc = {}
+    for cell in load_sweep(two, runs_dir=runs).cells:
+        acc[(cell.entry, cell.config["seed"])] = read_json(cell.record_path)["metrics"]["final_average_accuracy"]
+    diffs = [acc[("naive", s)] - acc[("naive@slow", s)] for s in (3, 4)]
+    half = 12.706204736174707 * np.std(diffs, ddof=1) / np.sqrt(2)  # Student's t, 1 degree of freedom
+    expected = f"| `naive` | `naive@slow` | {100 * np.mean(diffs):+.1f} ± {100 * half:.1f} | 2 |"
+    assert expected in page
+    assert (tmp_path / "lb" / "tables" / "split-digits-comparisons.csv").is_file()
+
 
 @pytest.mark.parametrize(
     "text, message",

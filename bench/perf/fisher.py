@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 
-def _setup(backbone_name: str, classes: int, image_size: int):
+def _setup(backbone_name: str, classes: int, image_size: int, options: dict | None = None):
     import torch.nn.functional as F
     from torch import nn
 
     from clcompose.bench.models.backbones import build_backbone
 
-    options = {"image_size": image_size} if backbone_name == "efficientnet-lite0" else {}
+    if options is None:
+        options = {"image_size": image_size} if backbone_name == "efficientnet-lite0" else {}
     backbone = build_backbone(backbone_name, options)
     model = nn.Sequential(backbone, nn.Linear(backbone.out_features, classes)).eval()
     for p in model.parameters():
@@ -45,7 +46,21 @@ def _timed(fn, *args, **kwargs) -> float:
     return time.perf_counter() - t
 
 
-def measure(backbone: str, classes: int, examples: list[int], repeats: int, image_size: int, batch: int) -> dict:
+def measure(
+    backbone: str,
+    classes: int,
+    examples: list[int],
+    repeats: int,
+    image_size: int,
+    batch: int,
+    vmap: bool = True,
+    modes: tuple[str, ...] = ("exact", "sampled"),
+    device: str = "cpu",
+    progress: bool = True,
+    backbone_options: dict | None = None,
+) -> dict:
+    """Medians over ``repeats`` of the batched estimator, the floor and (``vmap``) the vmap estimator per number
+    of examples and mode (``exact``: one label per class, ``sampled``: one drawn label), on ``device``."""
     import torch
     import torch.nn.functional as F
     from torch.func import functional_call
@@ -54,7 +69,8 @@ def measure(backbone: str, classes: int, examples: list[int], repeats: int, imag
     from clcompose.strategies.core.per_example import layer_fisher_sum
 
     torch.manual_seed(0)
-    model, modules, batch_log_prob = _setup(backbone, classes, image_size)
+    model, modules, batch_log_prob = _setup(backbone, classes, image_size, backbone_options)
+    model.to(device)
     params = {n: m.weight for n, m in modules.items()}
 
     def one(weights, xi):
@@ -74,14 +90,25 @@ def measure(backbone: str, classes: int, examples: list[int], repeats: int, imag
 
     rows = []
     for n in examples:
-        x = torch.rand(n, 1, 28, 28)
+        x = torch.rand(n, 1, 28, 28, device=device)
         times: dict[str, list[float]] = {}
         for _ in range(repeats):
             for mode, labels in (("exact", classes), ("sampled", 1)):
+                if mode not in modes:
+                    continue
                 batches = torch.split(x, batch)
-                vmap_s = _timed(
-                    fisher_sum, one, params, batches, mode=mode, chunk=32, generator=torch.Generator().manual_seed(0)
-                )
+                if vmap:
+                    times.setdefault(f"vmap_{mode}", []).append(
+                        _timed(
+                            fisher_sum,
+                            one,
+                            params,
+                            batches,
+                            mode=mode,
+                            chunk=32,
+                            generator=torch.Generator().manual_seed(0),
+                        )
+                    )
                 batched_s = _timed(
                     layer_fisher_sum,
                     batch_log_prob,
@@ -90,23 +117,19 @@ def measure(backbone: str, classes: int, examples: list[int], repeats: int, imag
                     mode=mode,
                     generator=torch.Generator().manual_seed(0),
                 )
-                times.setdefault(f"vmap_{mode}", []).append(vmap_s)
                 times.setdefault(f"batched_{mode}", []).append(batched_s)
                 times.setdefault(f"floor_{mode}", []).append(_timed(floor, x, labels))
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {"examples": n, **{f"{k}_s": round(v, 4) for k, v in med.items()}}
-        for mode in ("exact", "sampled"):
+        for mode in modes:
             row[f"batched_vs_floor_{mode}"] = round(med[f"batched_{mode}"] / med[f"floor_{mode}"], 3)
-            row[f"vmap_vs_floor_{mode}"] = round(med[f"vmap_{mode}"] / med[f"floor_{mode}"], 3)
-            row[f"vmap_vs_batched_{mode}"] = round(med[f"vmap_{mode}"] / med[f"batched_{mode}"], 2)
+            if vmap:
+                row[f"vmap_vs_floor_{mode}"] = round(med[f"vmap_{mode}"] / med[f"floor_{mode}"], 3)
+                row[f"vmap_vs_batched_{mode}"] = round(med[f"vmap_{mode}"] / med[f"batched_{mode}"], 2)
             row[f"batched_per_example_ms_{mode}"] = round(1000 * med[f"batched_{mode}"] / n, 3)
         rows.append(row)
-        print(
-            f"  {n:5d} examples: exact vmap {med['vmap_exact']:.2f} s, batched {med['batched_exact']:.2f} s, floor "
-            f"{med['floor_exact']:.2f} s (×{row['batched_vs_floor_exact']:.2f}); sampled vmap {med['vmap_sampled']:.2f} s, "
-            f"batched {med['batched_sampled']:.2f} s, floor {med['floor_sampled']:.2f} s (×{row['batched_vs_floor_sampled']:.2f})",
-            file=sys.stderr,
-        )
+        if progress:
+            print(f"  {n:5d} examples: " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items()), file=sys.stderr)
     return {
         "backbone": backbone,
         "image_size": image_size,
@@ -114,6 +137,7 @@ def measure(backbone: str, classes: int, examples: list[int], repeats: int, imag
         "batch": batch,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
+        "device": device,
         "targeted_weights": len(modules),
         "rows": rows,
     }

@@ -1,110 +1,170 @@
-"""Side-by-side cost of ITA / IEL against naive fine-tuning on the same stream, epochs and thread count.
+"""Side-by-side cost of ITA / IEL / task arithmetic against naive fine-tuning on the main job's stream.
 
-    python -m clcompose.bench.perf.strategies [--benchmark split-fmnist --backbone efficientnet-lite0 --repeats 2]
-
-Runs the strategies interleaved in one process (naive, ita, iel, naive, ita, iel, …) so that machine noise
-hits all of them alike, and reports per-experience training wall time (which includes each strategy's
-preparation: pre-consolidation and the Fisher pass) relative to naive, and the Fisher pass's share of it.
+Runs the strategies interleaved in one process (naive, ita, iel, task-arithmetic, naive, ita, …) on the stream,
+backbone, epochs and optimiser settings of ``examples/default.yaml`` (each strategy with its own options there),
+so that machine noise hits all of them alike. Per experience it reads from the run record: the training wall
+time (which includes each strategy's preparation: the θ0 pass, pre-consolidation and the Fisher), the Fisher's
+seconds, the θ0 pass's seconds, the evaluation time and the diagnostics' seconds (``strategy_extras``, when the
+strategy records them apart); and per run the peak resident memory (Linux: VmHWM, reset before each run through
+/proc/self/clear_refs) or, on CUDA, the peak allocated memory. A measurement, never a test of speed.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import copy
 import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Any
+
+STRATEGIES = ("naive", "ita", "iel", "task-arithmetic")
 
 
-def measure(
-    benchmark: str,
-    backbone: str,
-    strategies: list[str],
-    repeats: int,
-    per_class: int,
-    epochs: int,
-    extra: dict[str, dict],
-    backbone_options: dict,
-) -> dict:
-    from clcompose.bench.runs.config import RunConfig
-    from clcompose.bench.runs.run import execute
+def main_job(sweep: Path | None = None) -> dict[str, Any]:
+    """Benchmark, backbone, train settings and each strategy's options of the main job's sweep file."""
+    from clcompose.bench.io import read_yaml_mapping, resource_dir
 
-    rows: dict[str, list[dict]] = {s: [] for s in strategies}
-    for r in range(repeats):
-        for name in strategies:
-            cfg = RunConfig.from_dict(
-                {
-                    "benchmark": benchmark,
-                    "backbone": backbone,
-                    "strategy": name,
-                    "seed": r,
-                    "benchmark_options": {"n_experiences": 5, "per_class": per_class, "test_per_class": 20},
-                    "backbone_options": backbone_options,
-                    "strategy_options": extra.get(name, {}),
-                    "train": {"epochs": epochs, "batch_size": 32, "optimizer": "adamw", "lr": 1e-3},
-                }
-            )
-            rec = execute(cfg.resolve(), progress=False)
-            prep = (rec.get("strategy_extras") or {}).get("preparation") or []
-            for step in rec["timing"]["steps"]:
-                fisher = next((p.get("fisher_s", 0.0) for p in prep if p["experience"] == step["step"]), 0.0)
-                rows[name].append(
-                    {"repeat": r, "experience": step["step"], "train_wall_s": step["train_wall_s"], "fisher_s": fisher}
-                )
-            print(
-                f"  {name} repeat {r}: {sum(s['train_wall_s'] for s in rec['timing']['steps']):.1f} s training",
-                file=sys.stderr,
-            )
-    base = statistics.mean(x["train_wall_s"] for x in rows[strategies[0]])
-    summary = {}
-    for name, xs in rows.items():
-        wall = statistics.mean(x["train_wall_s"] for x in xs)
-        fisher = statistics.mean(x["fisher_s"] for x in xs)
-        summary[name] = {
-            "train_wall_per_experience_s": round(wall, 3),
-            "relative_to_" + strategies[0]: round(wall / base, 3),
-            "fisher_per_experience_s": round(fisher, 3),
-            "fisher_share": round(fisher / wall, 3) if wall else None,
-        }
+    data = read_yaml_mapping(sweep or resource_dir("examples") / "default.yaml", "sweep")
+    ((benchmark, benchmark_options),) = data["benchmarks"].items()
+    ((backbone, backbone_options),) = data["backbones"].items()
     return {
         "benchmark": benchmark,
+        "benchmark_options": dict(benchmark_options or {}),
         "backbone": backbone,
-        "repeats": repeats,
-        "per_class": per_class,
-        "epochs": epochs,
-        "summary": summary,
-        "rows": rows,
+        "backbone_options": dict(backbone_options or {}),
+        "train": dict(data.get("train") or {}),
+        "strategies": {k: dict(v or {}) for k, v in data["strategies"].items()},
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_config(job: dict[str, Any], strategy: str, seed: int, overrides: dict[str, Any], device: str) -> dict:
+    """The run config of ``strategy`` in ``job``: its sweep options (and ``train:`` overrides), then
+    ``overrides`` = {"benchmark_options": …, "train": …, "strategy_options": … (task-vector strategies only)}."""
+    options = copy.deepcopy(job["strategies"].get(strategy, {}))
+    train = dict(job["train"]) | options.pop("train", {}) | overrides.get("train", {})
+    if strategy in ("ita", "iel", "task-arithmetic"):
+        options |= overrides.get("strategy_options", {})
+    return {
+        "benchmark": job["benchmark"],
+        "backbone": job["backbone"],
+        "strategy": strategy,
+        "seed": seed,
+        "benchmark_options": job["benchmark_options"] | overrides.get("benchmark_options", {}),
+        "backbone_options": job["backbone_options"],
+        "strategy_options": options,
+        "train": train,
+        "device": device,
+    }
+
+
+def _reset_peak_memory(device: str) -> None:
     import torch
 
-    import clcompose.strategies  # noqa: F401
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM (the peak resident set)
+    except OSError:
+        pass
 
-    p = argparse.ArgumentParser(prog="python -m clcompose.bench.perf.strategies", description=__doc__.splitlines()[0])
-    p.add_argument("--benchmark", default="split-fmnist")
-    p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--strategies", default="naive,ita,iel")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--per-class", type=int, default=100)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--fisher", default=None, help="override the Fisher estimator of ita/iel (exact, topk, sampled)")
-    p.add_argument("--out", help="write the measurements as JSON")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    names = args.strategies.split(",")
-    extra = {n: ({"fisher": args.fisher} if args.fisher else {}) for n in names if n in ("ita", "iel")}
-    result = measure(args.benchmark, args.backbone, names, args.repeats, args.per_class, args.epochs, extra, {})
-    for name, s in result["summary"].items():
-        print(
-            f"{name:8s} {s['train_wall_per_experience_s']:8.2f} s/experience  ×{s['relative_to_' + names[0]]:.2f}  "
-            f"Fisher {s['fisher_per_experience_s']:.2f} s ({(s['fisher_share'] or 0) * 100:.0f} %)"
+
+def _peak_memory_mb(device: str) -> float | None:
+    import torch
+
+    if device.startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def experience_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per training step of a run record: train/eval wall seconds and, where recorded, the θ0 pass's,
+    the Fisher's and the diagnostics' seconds (0 when the strategy has none)."""
+    extras = record.get("strategy_extras") or {}
+    prep = {p["experience"]: p for p in extras.get("preparation") or []}
+    diagnostics = {d["tasks"]: d["seconds"] for d in extras.get("diagnostics_seconds") or []}  # per task count
+    rows = []
+    for i, step in enumerate(record["timing"]["steps"]):
+        p = prep.get(step["step"], {})
+        rows.append(
+            {
+                "experience": step["step"],
+                "train_wall_s": step["train_wall_s"],
+                "eval_wall_s": step.get("eval_wall_s", 0.0),
+                "theta0_s": p.get("theta0_s", 0.0),
+                "fisher_s": p.get("fisher_s", 0.0),
+                "prepare_s": p.get("prepare_s", 0.0),
+                "diagnostics_s": float(diagnostics.get(i + 1, 0.0)),
+            }
         )
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    return 0
+    return rows
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def measure(
+    strategies: list[str] | tuple[str, ...] = STRATEGIES,
+    repeats: int = 1,
+    overrides: dict[str, Any] | None = None,
+    device: str = "cpu",
+    sweep: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``strategies`` interleaved ``repeats`` times on the main job (with ``overrides``) and summarise each
+    strategy relative to the first (naive)."""
+    from clcompose.bench.runs.config import RunConfig
+    from clcompose.bench.runs.run import execute
+
+    job, overrides = main_job(sweep), overrides or {}
+    rows: dict[str, list[dict]] = {s: [] for s in strategies}
+    runs: dict[str, list[dict]] = {s: [] for s in strategies}
+    for r in range(repeats):
+        for name in strategies:
+            cfg = RunConfig.from_dict(run_config(job, name, r, overrides, device))
+            _reset_peak_memory(device)
+            t = time.perf_counter()
+            rec = execute(cfg.resolve(), progress=False)
+            wall = time.perf_counter() - t
+            runs[name].append(
+                {
+                    "repeat": r,
+                    "wall_s": round(wall, 3),
+                    "peak_memory_mb": _peak_memory_mb(device),
+                    "final_average_accuracy": rec["metrics"]["final_average_accuracy"],
+                }
+            )
+            rows[name] += [{"repeat": r, **row} for row in experience_rows(rec)]
+            if progress:
+                print(f"  {name} repeat {r}: {wall:.1f} s", file=sys.stderr)
+    base = statistics.mean(x["train_wall_s"] for x in rows[strategies[0]])
+    summary = {}
+    for name, xs in rows.items():
+        mean = {k: statistics.mean(x[k] for x in xs) for k in ("train_wall_s", "eval_wall_s", "theta0_s", "fisher_s")}
+        diagnostics = statistics.mean(x["diagnostics_s"] for x in xs)
+        summary[name] = {
+            "train_wall_per_experience_s": round(mean["train_wall_s"], 3),
+            "relative_to_" + strategies[0]: round(mean["train_wall_s"] / base, 3),
+            "theta0_per_experience_s": round(mean["theta0_s"], 3),
+            "fisher_per_experience_s": round(mean["fisher_s"], 3),
+            "fisher_share": round(mean["fisher_s"] / mean["train_wall_s"], 3),
+            "eval_wall_per_experience_s": round(mean["eval_wall_s"], 3),
+            "diagnostics_per_experience_s": round(diagnostics, 3),
+            "peak_memory_mb": max((x["peak_memory_mb"] or 0.0) for x in runs[name]) or None,
+            "final_average_accuracy": round(statistics.mean(x["final_average_accuracy"] for x in runs[name]), 4),
+        }
+    return {
+        "benchmark": job["benchmark"],
+        "backbone": job["backbone"],
+        "benchmark_options": job["benchmark_options"] | overrides.get("benchmark_options", {}),
+        "backbone_options": job["backbone_options"],
+        "overrides": overrides,
+        "device": device,
+        "repeats": repeats,
+        "summary": summary,
+        "runs": runs,
+        "rows": rows,
+    }

@@ -8,7 +8,9 @@ Records stay one JSON file per run. :func:`load_results` reads any number of the
 * ``diagnostics``: one row per (run, experience, numeric key) of ``strategy_extras.diagnostics``,
 
 and lists the files it had to skip (truncated, corrupted, partial, or duplicates of a run already read).
-Runs that differ only in their seeds form a *variant*; tables give mean ± standard deviation over its seeds.
+Runs that differ only in their seeds form a *variant*; tables give the mean over its seeds ± the half-width of
+the 95 % confidence interval of that mean (Student's t with n − 1 degrees of freedom: t·s/√n); the CSV also
+keeps the standard deviation s.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from clcompose.bench.io import display_path
+from clcompose.bench.report.stats import ci95_halfwidth  # noqa: F401  (re-exported)
 from clcompose.strategies.core.registry import ConfigError
 
 # (column in `runs`, table header, display scale, decimals)
@@ -318,8 +321,11 @@ def summary_table(results: Results, benchmark: str):
     runs = results.runs[results.runs["benchmark"] == benchmark]
     metric_cols = [m[0] for m in METRICS] + [k for k in results.extra_metrics if runs[k].notna().any()]
     grouped = runs.groupby("variant", sort=False)
-    table = grouped[metric_cols].agg(["mean", "std"])
+    table = grouped[metric_cols].agg(["mean", "std", "count"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    for metric in metric_cols:
+        count = table.pop(f"{metric}_count")
+        table[f"{metric}_ci95"] = [ci95_halfwidth(s, int(n)) for s, n in zip(table[f"{metric}_std"], count)]
     table.insert(0, "seeds", grouped["seed"].agg(lambda s: " ".join(map(str, sorted(s)))))
     table.insert(0, "n_seeds", grouped.size())
     table.insert(0, "backbone", grouped["backbone"].first())
@@ -351,7 +357,7 @@ def to_markdown(table) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---", "---:"] + ["---:"] * len(metrics)) + "|"]
     for r in table.to_dict("records"):
         cells = [r["label"].replace("|", "\\|"), str(r["n_seeds"])]
-        cells += [_cell(r[f"{m}_mean"], r[f"{m}_std"], r["n_seeds"], scale, dec, "±") for m, _, scale, dec in metrics]
+        cells += [_cell(r[f"{m}_mean"], r[f"{m}_ci95"], r["n_seeds"], scale, dec, "±") for m, _, scale, dec in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -389,7 +395,7 @@ def to_latex(table, caption: str) -> str:
     for r in table.to_dict("records"):
         cells = [_latex_escape(r["label"]), str(r["n_seeds"])]
         cells += [
-            _cell(r[f"{m}_mean"], r[f"{m}_std"], r["n_seeds"], scale, dec, r"$\pm$").replace("–", "--")
+            _cell(r[f"{m}_mean"], r[f"{m}_ci95"], r["n_seeds"], scale, dec, r"$\pm$").replace("–", "--")
             for m, _, scale, dec in metrics
         ]
         lines.append(" & ".join(cells) + r" \\")
@@ -409,7 +415,7 @@ def write_tables(results: Results, out: Path) -> list[Path]:
             base.with_suffix(".csv"), index=False
         )
         base.with_suffix(".md").write_text(to_markdown(table))
-        caption = f"{benchmark}: mean and standard deviation over seeds (n seeds per row)."
+        caption = f"{benchmark}: mean over seeds ± 95 % confidence half-width (Student's t; n seeds per row)."
         base.with_suffix(".tex").write_text(to_latex(table, caption))
         written += [base.with_suffix(s) for s in (".csv", ".md", ".tex")]
     if len(results.runs):

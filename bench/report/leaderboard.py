@@ -11,6 +11,7 @@ from pathlib import Path
 
 from clcompose.bench.io import display_path
 from clcompose.bench.report.aggregate import Results, load_results, summary_table, to_markdown, write_tables
+from clcompose.bench.report.composition_table import composition_section, write_composition_tables
 from clcompose.bench.report.output import (
     COMMITTED_FLAG,
     committed_results,
@@ -65,7 +66,15 @@ def _settings(results: Results, benchmark: str) -> str:
     return "; ".join(parts)
 
 
-def render_page(results: Results, figures: dict[str, dict[str, list[Path]]], out: Path, sources: list[str]) -> str:
+def render_page(
+    results: Results,
+    figures: dict[str, dict[str, list[Path]]],
+    out: Path,
+    sources: list[str],
+    sections: dict[str, list[str]] | None = None,
+) -> str:
+    """The page; ``sections`` adds lines under a benchmark's table (its key) or before the benchmarks ("")."""
+    sections = sections or {}
     runs = results.runs
     commits = sorted({c[:10] for c in runs["commit"].dropna()}) if len(runs) else []
     lines = [
@@ -81,7 +90,8 @@ def render_page(results: Results, figures: dict[str, dict[str, list[Path]]], out
         + (f" {COMMITTED_FLAG}`." if committed_results(out) else "`."),
         "",
         f"{len(runs)} runs from {', '.join(f'`{s}`' for s in sources)}; code commit(s) {', '.join(commits) or 'unknown'}. "
-        "Each row is one strategy configuration; numbers are mean ± standard deviation over seeds (n seeds), "
+        "Each row is one strategy configuration; numbers are the mean over seeds ± the half-width of its 95 % "
+        "confidence interval (Student's t, n seeds; no interval for one seed), "
         "sorted by final average accuracy. Accuracy is what each benchmark's test stream scores: on the split-* streams "
         "class-incremental (one output layer over all classes seen so far, no task labels at test time); the domain "
         "and teacher streams are described in the repository's README.",
@@ -91,6 +101,7 @@ def render_page(results: Results, figures: dict[str, dict[str, list[Path]]], out
         "- **BWT**: backward transfer, mean of (final accuracy − accuracy right after learning); negative means forgetting.",
         "- Joint training learns the whole stream at once (an upper bound), so it has no forgetting, BWT or curve.",
         "",
+        *sections.get("", []),
     ]
     for benchmark in results.benchmarks():
         lines += [f"## {benchmark}", "", _stream_line(results, benchmark), ""]
@@ -99,6 +110,8 @@ def render_page(results: Results, figures: dict[str, dict[str, list[Path]]], out
             lines += [f"Settings: {settings}.", ""]
         table = to_markdown(summary_table(results, benchmark))
         lines += [leaderboard_table(table, results, benchmark), ""]  # with the paper's numbers, where published
+        lines += sections.get(benchmark, [])
+        lines += composition_section(results, benchmark)  # training method × composition rule, with two+ rules
         for name, paths in figures.get(benchmark, {}).items():
             png, pdf = (p.relative_to(out).as_posix() for p in paths)
             lines += [f"**{FIGURE_TITLES[name]}** ([PDF]({pdf}))", "", f"![{FIGURE_TITLES[name]}]({png})", ""]
@@ -128,7 +141,7 @@ def build_leaderboard(
     require_records(results, [display_path(p) for p in paths])
     _clean(out)  # before the manifest's files go: it looks for our page
     remove_previous(out)
-    written = write_tables(results, out)
+    written = write_tables(results, out) + write_composition_tables(results, out)
     figures = {}
     if plots:
         from clcompose.bench.report.plots import plot_benchmark
@@ -138,10 +151,42 @@ def build_leaderboard(
     page = out / "README.md"
     page.parent.mkdir(parents=True, exist_ok=True)
     sources = [display_path(p) for p in paths]
-    page.write_text(render_page(results, figures, out, sources))
+    options = {"runs_dir": runs_dir, "profile": profile, "overrides": overrides, "scale": scale}
+    sections, extra = sweep_sections(results, paths, out, **options)
+    written += extra
+    page.write_text(render_page(results, figures, out, sources, sections))
     written += [p for by_name in figures.values() for pair in by_name.values() for p in pair] + [page]
     write_manifest(out, written, "bench leaderboard")
     return page, results
+
+
+def sweep_sections(results: Results, paths: list[str], out: Path, **sweep_options) -> tuple[dict, list[Path]]:
+    """What the sweep files among ``paths`` add to the page: how each entry was tuned (``selected:``) and the
+    paired comparisons of their ``compare:`` pairs (also written to ``tables/<benchmark>-comparisons.csv``)."""
+    from clcompose.bench.report.controls import check_compare, comparison_markdown, comparison_rows, write_comparisons
+    from clcompose.bench.sweeps.select import tuning_lines
+    from clcompose.bench.sweeps.sweep import load_sweep
+
+    sections: dict[str, list[str]] = {}
+    written: list[Path] = []
+    for path in paths:
+        if Path(path).suffix not in (".yaml", ".yml"):
+            continue
+        sweep = load_sweep(path, **sweep_options)
+        entries = list(sweep.data.get("strategies") or [])
+        if isinstance(sweep.data.get("strategies"), dict) and sweep.data.get("selected") is not None:
+            lines = tuning_lines(sweep.data, entries, str(path))
+            sections.setdefault("", []).extend(
+                ["## How each row's hyperparameters were chosen", "", f"From `{display_path(path)}`:", "", *lines, ""]
+            )
+        pairs = check_compare(sweep.data, str(path))
+        for benchmark in results.benchmarks() if pairs else []:
+            rows = comparison_rows(results, benchmark, sweep, pairs)
+            if rows:
+                sections.setdefault(benchmark, []).extend(comparison_markdown(rows))
+                target = out / "tables" / f"{benchmark}-comparisons.csv"
+                written.append(write_comparisons(rows, target))
+    return sections, written
 
 
 def write_aggregate(
@@ -157,6 +202,6 @@ def write_aggregate(
     results = load_results(paths, profile=profile, runs_dir=runs_dir, overrides=overrides, scale=scale)
     require_records(results, [display_path(p) for p in paths])
     remove_previous(out)
-    written = write_tables(results, out)
+    written = write_tables(results, out) + write_composition_tables(results, out)
     write_manifest(out, written, "bench aggregate")
     return written, results

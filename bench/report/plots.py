@@ -13,7 +13,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clcompose.bench.report.aggregate import Results, summary_table
+from clcompose.bench.report.aggregate import Results, ci95_halfwidth, summary_table
+
+
+def t_interval(values) -> tuple[float, float]:
+    """seaborn's error bar: the mean ± the Student-t 95 % half-width, as in the tables (a point for one seed)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    mean = float(v.mean())
+    half = ci95_halfwidth(float(v.std(ddof=1)), len(v)) if len(v) > 1 else 0.0
+    return mean - half, mean + half
+
 
 FIGURES = ("final_accuracy", "accuracy_curve", "forgetting", "accuracy_matrix", "diagnostics")
 
@@ -66,7 +77,7 @@ def plot_final_accuracy(results: Results, benchmark: str, base: Path) -> list[Pa
         order=order,
         hue_order=order,
         palette=_palette(sns, order),
-        errorbar="sd",
+        errorbar=t_interval,
         capsize=0.3,
         err_kws={"linewidth": 1.2},
         legend=False,
@@ -74,7 +85,7 @@ def plot_final_accuracy(results: Results, benchmark: str, base: Path) -> list[Pa
     )
     sns.stripplot(data=runs, y="label", x="acc", order=order, color="black", size=3.5, alpha=0.7, ax=ax)
     ax.set(
-        xlabel="final average accuracy (%), mean ± sd over seeds",
+        xlabel="final average accuracy (%), mean ± 95 % CI over seeds",
         ylabel="",
         xlim=(0, 100),
         title=f"{benchmark}: final accuracy",
@@ -99,7 +110,7 @@ def plot_accuracy_curves(results: Results, benchmark: str, base: Path) -> list[P
             hue="label",
             hue_order=with_curve,
             palette=palette,
-            errorbar="sd",
+            errorbar=t_interval,
             marker="o",
             ax=ax,
         )
@@ -135,7 +146,7 @@ def plot_forgetting(results: Results, benchmark: str, base: Path) -> list[Path] 
         order=order,
         hue_order=order,
         palette=_palette(sns, _order(results, benchmark)),
-        errorbar="sd",
+        errorbar=t_interval,
         capsize=0.3,
         err_kws={"linewidth": 1.2},
         legend=False,
@@ -143,7 +154,7 @@ def plot_forgetting(results: Results, benchmark: str, base: Path) -> list[Path] 
     )
     sns.stripplot(data=runs, y="label", x="f", order=order, color="black", size=3.5, alpha=0.7, ax=ax)
     ax.set(
-        xlabel="average forgetting (%), lower is better; mean ± sd over seeds",
+        xlabel="average forgetting (%), lower is better; mean ± 95 % CI over seeds",
         ylabel="",
         title=f"{benchmark}: forgetting",
     )
@@ -220,7 +231,7 @@ def plot_diagnostics(results: Results, benchmark: str, base: Path) -> list[Path]
             hue="label",
             hue_order=order,
             palette=_palette(sns, _order(results, benchmark)),
-            errorbar="sd",
+            errorbar=t_interval,
             marker="o",
             legend=i == 0,
             ax=ax,
@@ -231,7 +242,7 @@ def plot_diagnostics(results: Results, benchmark: str, base: Path) -> list[Path]
         ax.axis("off")
     if axes.flat[0].get_legend() is not None:
         axes.flat[0].legend(fontsize="x-small")
-    fig.suptitle(f"{benchmark}: diagnostics recorded by the strategies (mean ± sd over seeds)")
+    fig.suptitle(f"{benchmark}: diagnostics recorded by the strategies (mean ± 95 % CI over seeds)")
     fig.tight_layout()
     return _save(fig, base / "diagnostics")
 
@@ -261,7 +272,7 @@ def plot_extra_metrics(results: Results, benchmark: str, base: Path) -> list[Pat
             order=order,
             hue_order=order,
             palette=_palette(sns, order),
-            errorbar="sd",
+            errorbar=t_interval,
             capsize=0.3,
             err_kws={"linewidth": 1.2},
             legend=False,
@@ -272,7 +283,7 @@ def plot_extra_metrics(results: Results, benchmark: str, base: Path) -> list[Pat
         ax.tick_params(axis="x", labelsize="small")
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    fig.suptitle(f"{benchmark}: extra metrics (mean ± sd over seeds)")
+    fig.suptitle(f"{benchmark}: extra metrics (mean ± 95 % CI over seeds)")
     fig.tight_layout()
     return _save(fig, base / "extra_metrics")
 

@@ -53,6 +53,7 @@ SWEEP_KEYS = (
     "train",
     "select",
     "selected",
+    "compare",  # pairs of strategy entries the leaderboard compares per seed (bench.report.controls)
 )
 MAX_CELLS = 10_000  # a larger expansion is refused unless the file raises max_cells (a typo like seeds: 100000)
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")  # one plain folder name: no '/', no '..', no hidden folder

@@ -90,6 +90,67 @@ def _squared_grads(module: nn.Module, a: torch.Tensor, delta: torch.Tensor, chun
     return total.reshape(weight.shape)
 
 
+class LayerCapture:
+    """Forward hooks on ``modules`` (name → Linear/Conv2d) that keep each layer's input (detached) and output
+    (with its graph) of a forward run through :meth:`forward`."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        for name, module in modules.items():
+            if not supported(module):
+                raise UnsupportedLayer(f"{name}: {type(module).__name__} is not a plain Linear/Conv2d layer")
+        self.modules = dict(modules)
+
+    def forward(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """``fn(batch)`` with a graph through the frozen layers (the input requires grad, no weight does), and
+        the captures {name: (input, output)} of that forward."""
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def hook(name):
+            def keep(module, args, output):
+                captured[name] = (args[0].detach(), output)
+
+            return keep
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
+        try:
+            with torch.enable_grad():
+                out = fn(batch.detach().requires_grad_(True))
+        finally:
+            for h in handles:
+                h.remove()
+        return out, captured
+
+
+def accumulate_fisher(
+    total: dict[str, torch.Tensor],
+    modules: Mapping[str, nn.Module],
+    logp: torch.Tensor,
+    captured: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    mode: str = "exact",
+    k: int = 3,
+    samples: int = 1,
+    chunk: int = 64,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Add one batch's Σ_b Σ_c p_bc (∇_W log p_bc)² (or its top-k / sampled estimate) to ``total`` from the
+    log-probabilities ``logp`` (B, C) of a forward whose layer captures are ``captured``; frees its graph."""
+    names = list(modules)
+    with torch.enable_grad():
+        p = logp.detach().exp()
+        losses = _losses(logp, p, mode, k, samples, generator)
+        outputs = [captured[n][1] for n in names]
+        for j, loss in enumerate(losses):
+            deltas = torch.autograd.grad(loss, outputs, retain_graph=j < len(losses) - 1)
+            for n, delta in zip(names, deltas):
+                total[n] += _squared_grads(modules[n], captured[n][0], delta.detach(), chunk)
+
+
+def zero_fisher(modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
+
+
 def layer_fisher_sum(
     log_prob: Callable[[torch.Tensor], torch.Tensor],
     modules: Mapping[str, nn.Module],
@@ -108,40 +169,51 @@ def layer_fisher_sum(
     probable classes per example, weighted by p), ``sampled`` (``samples`` labels per example drawn from p with
     ``generator``, weight 1/samples). ``chunk`` bounds the examples whose per-example gradients are held at once.
     """
-    for name, module in modules.items():
-        if not supported(module):
-            raise UnsupportedLayer(f"{name}: {type(module).__name__} is not a plain Linear/Conv2d layer")
-    names = list(modules)
-    total = {n: torch.zeros_like(modules[n].weight, dtype=torch.float32) for n in names}
-    count = 0
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(name):
-        def keep(module, args, output):
-            captured[name] = (args[0].detach(), output)
-
-        return keep
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        for batch in inputs:
-            captured.clear()
-            with torch.enable_grad():
-                x = batch.detach().requires_grad_(True)  # a graph through frozen layers, without weight gradients
-                logp = log_prob(x)
-                p = logp.detach().exp()
-                losses = _losses(logp, p, mode, k, samples, generator)
-                outputs = [captured[n][1] for n in names]
-                for j, loss in enumerate(losses):
-                    deltas = torch.autograd.grad(loss, outputs, retain_graph=j < len(losses) - 1)
-                    for n, delta in zip(names, deltas):
-                        total[n] += _squared_grads(modules[n], captured[n][0], delta.detach(), chunk)
-            count += int(batch.shape[0])
-    finally:
-        for h in handles:
-            h.remove()
-        captured.clear()
+    capture = LayerCapture(modules)
+    total, count = zero_fisher(capture.modules), 0
+    for batch in inputs:
+        logp, captured = capture.forward(log_prob, batch)
+        accumulate_fisher(total, capture.modules, logp, captured, mode, k, samples, chunk, generator)
+        count += int(batch.shape[0])
     return total, count
+
+
+class RetainedFisherPass:
+    """A forward whose Fisher backward passes come later: :meth:`forward` runs the network up to its features
+    for a batch and keeps the graph and layer captures; once the head is known, :meth:`fisher_sum` gives the
+    same sums as :func:`layer_fisher_sum` with ``log_prob = head ∘ features`` over the same batches, without a
+    second forward. Memory: the graph of every kept example (as one training batch of that size)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.capture = LayerCapture(modules)
+        self.batches: list[tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
+
+    def forward(self, features_fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+        """``features_fn(batch)``, detached; its graph is kept for :meth:`fisher_sum`."""
+        features, captured = self.capture.forward(features_fn, batch)
+        self.batches.append((features, captured))
+        return features.detach()
+
+    def fisher_sum(
+        self,
+        head_log_prob: Callable[[torch.Tensor], torch.Tensor],
+        mode: str = "exact",
+        k: int = 3,
+        samples: int = 1,
+        chunk: int = 64,
+        generator: torch.Generator | None = None,
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """(Σ over the kept examples of Σ_c p_c (∇_W log p_c)², count), ``head_log_prob`` mapping features to
+        log-probabilities; the graphs are released batch by batch."""
+        modules = self.capture.modules
+        total, count = zero_fisher(modules), 0
+        while self.batches:
+            features, captured = self.batches.pop(0)
+            with torch.enable_grad():
+                logp = head_log_prob(features)
+            accumulate_fisher(total, modules, logp, captured, mode, k, samples, chunk, generator)
+            count += int(features.shape[0])
+        return total, count
 
 
 def _losses(logp: torch.Tensor, p: torch.Tensor, mode: str, k: int, samples: int, generator) -> list[torch.Tensor]:

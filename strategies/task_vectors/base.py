@@ -194,7 +194,9 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
                 t1 = time.perf_counter()
                 if opts.fisher_max_examples is not None and len(inputs) > opts.fisher_max_examples:
                     inputs = inputs[torch.randperm(len(inputs), generator=gen)[: opts.fisher_max_examples]]
-                sums, count = theta0_fisher(self, retained, gen) if retained is not None else self.backbone_fisher(inputs, gen)
+                sums, count = (
+                    theta0_fisher(self, retained, gen) if retained is not None else self.backbone_fisher(inputs, gen)
+                )
                 self.fisher.add(sums, count)
                 timing["fisher_s"] = time.perf_counter() - t1
             self.head_fisher = self.classifier_fisher(gen) if self.head_reg_fisher > 0 else None

@@ -1,0 +1,68 @@
+"""``bench perf``'s arguments (argparse only at import, so ``bench --help`` stays light)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from clcompose.strategies.core.registry import ConfigError
+
+WHAT = ("records", "cli", "strategies", "fisher", "scaling", "all")
+
+
+def _list(value: str) -> list:
+    return [v if v == "all" or not v.lstrip("-").isdigit() else int(v) for v in value.split(",") if v]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "perf",
+        help="benchmarks of the suite: records (aggregation), cli (list/--help latency), strategies, fisher, "
+        "scaling, all",
+        description="records: aggregation of synthetic records and `bench --help` latency (the default). "
+        "cli, strategies, fisher, scaling, all: write OUT/perf.json and OUT/README.md (see the README's Performance).",
+    )
+    p.add_argument("what", nargs="?", choices=WHAT, default="records")
+    g = p.add_argument_group("records")
+    g.add_argument("--records", type=int, default=10_000)
+    g.add_argument("--help-runs", type=int, default=5, dest="help_runs")
+    g.add_argument("--keep", help="keep the synthetic records in this folder")
+    g = p.add_argument_group("cli, strategies, fisher, scaling, all")
+    g.add_argument("--out", default="results/perf", help="folder of perf.json and README.md (default results/perf)")
+    g.add_argument("--device", help="cpu (default) or cuda[:N]")
+    g.add_argument("--threads", type=int, help="torch threads (default 1)")
+    g.add_argument("--repeats", type=int, help="interleaved repeats of the strategies, medians of the Fisher (1)")
+    g.add_argument("--strategies", type=lambda v: v.split(","), help="default naive,ita,iel,task-arithmetic")
+    g.add_argument("--per-class", type=int, dest="per_class", help="shrink the main job (tests)")
+    g.add_argument("--test-per-class", type=int, dest="test_per_class")
+    g.add_argument("--n-experiences", type=int, dest="n_experiences")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--fisher", choices=("exact", "topk", "sampled"), help="ITA/IEL's estimator (default exact)")
+    g.add_argument("--fisher-max-examples", type=int, dest="fisher_max_examples", help="default: every example (None)")
+    g.add_argument("--fisher-examples", type=_list, dest="fisher_examples", help="e.g. 64,all")
+    g.add_argument("--fisher-classes", type=int, dest="fisher_classes", help="labels of the exact Fisher (10)")
+    g.add_argument("--vmap", action="store_true", default=None, help="also time the vmap Fisher (slow)")
+    g.add_argument("--scaling-examples", type=_list, dest="scaling_examples", help="default 64,256,1024,all")
+    g.add_argument("--scaling-experiences", type=_list, dest="scaling_experiences", help="default 5,10,20")
+    g.add_argument(
+        "--scaling-examples-per-experience", type=int, dest="scaling_examples_per_experience", help="default 40"
+    )
+    g.add_argument("--cli-runs", type=int, dest="cli_runs", help="runs per command (3)")
+    g.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_perf)
+
+
+def cmd_perf(args: argparse.Namespace) -> int:
+    if args.what == "records":
+        from clcompose.bench.perf.records import main
+
+        return main(records=args.records, help_runs=args.help_runs, keep=args.keep)
+    from clcompose.bench.perf.suite import DEFAULTS, main
+
+    settings = {k: getattr(args, k, None) for k in DEFAULTS}
+    for key in ("repeats", "threads", "cli_runs", "per_class", "test_per_class", "n_experiences", "epochs"):
+        if settings.get(key) is not None and settings[key] < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+    if args.device is not None and not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise ConfigError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    return main(args.what, args.out, settings, command="bench " + " ".join(sys.argv[1:]), progress=not args.quiet)

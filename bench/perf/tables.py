@@ -1,0 +1,133 @@
+"""``bench perf``'s output: ``perf.json`` (merged per section) and the Markdown tables of ``README.md``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows),
+    ]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Tables of every section present in ``result``."""
+    lines = ["# Performance of the suite", "", f"Measured by `{result.get('command', 'bench perf')}`.", ""]
+    m = result.get("machine") or {}
+    lines += [
+        f"Machine: {m.get('cpus')} CPUs ({m.get('torch_threads')} torch thread(s)), device {m.get('device')}"
+        f"{' (' + m['cuda'] + ')' if m.get('cuda') else ''}, Python {m.get('python')}, torch {m.get('torch')}, "
+        f"load average {m.get('load_average')} at the end (other work shares the machine: read the ratios, "
+        "measured side by side in one process, rather than the seconds).",
+        "",
+    ]
+    s = result.get("strategies")
+    if s:
+        first = next(iter(s["summary"]))
+        lines += [
+            f"## Strategies side by side ({s['benchmark']}, {s['backbone']}, {s['repeats']} repeat(s), "
+            f"overrides {json.dumps(s['overrides'])})",
+            "",
+            "Per experience: training wall time (preparation included), relative to naive; of it, the θ0 pass and "
+            "the Fisher; evaluation and diagnostics (recorded apart from training); peak memory of the run.",
+            "",
+        ]
+        rows = [
+            [
+                name,
+                v["train_wall_per_experience_s"],
+                v["relative_to_" + first],
+                v["theta0_per_experience_s"],
+                v["fisher_per_experience_s"],
+                v["fisher_share"],
+                v["eval_wall_per_experience_s"],
+                v["diagnostics_per_experience_s"],
+                v["peak_memory_mb"],
+                v["final_average_accuracy"],
+            ]
+            for name, v in s["summary"].items()
+        ]
+        header = ["strategy", "train s/exp", f"× {first}", "θ0 pass s", "Fisher s", "Fisher share", "eval s/exp"]
+        lines += _table(header + ["diagnostics s/exp", "peak MB", "final acc"], rows) + [""]
+    f = result.get("fisher")
+    if f:
+        modes = [k[len("batched_vs_floor_") :] for k in f["rows"][0] if k.startswith("batched_vs_floor_")]
+        lines += [
+            f"## Fisher per example against one batched forward + backward per label ({f['backbone']}, "
+            f"{f['classes']} classes, median of {f['repeats']})",
+            "",
+        ]
+        header = ["examples"] + [f"{m} batched s" for m in modes] + [f"{m} × floor" for m in modes]
+        header += [f"{m} ms/example" for m in modes]
+        rows = [
+            [r["examples"]]
+            + [r[f"batched_{m}_s"] for m in modes]
+            + [r[f"batched_vs_floor_{m}"] for m in modes]
+            + [r[f"batched_per_example_ms_{m}"] for m in modes]
+            for r in f["rows"]
+        ]
+        lines += _table(header, rows) + [""]
+    sc = result.get("scaling")
+    if sc:
+        fs, ex = sc["fisher"], sc["experiences"]
+        lines += [
+            f"## Scaling: exact Fisher against examples ({fs['backbone']}, {fs['classes']} classes), fitted exponent "
+            f"{_fmt(fs['exponent'])}",
+            "",
+        ]
+        lines += _table(
+            ["examples", "Fisher s", "s per 1000 examples"],
+            [
+                [f"{r['examples']}{' (all)' if r['all'] else ''}", r["fisher_s"], 1000 * r["fisher_s"] / r["examples"]]
+                for r in fs["rows"]
+            ],
+        )
+        e = ex["exponent"]
+        lines += [
+            "",
+            f"## Scaling: time against experiences ({ex['benchmark']}, {ex['strategy']}, "
+            f"{ex['examples_per_experience']} training examples per experience), fitted exponents: training "
+            f"{_fmt(e['train_s'])}, evaluation {_fmt(e['eval_s'])}, total {_fmt(e['total_s'])}",
+            "",
+        ]
+        lines += _table(
+            ["experiences", "training s", "evaluation s", "diagnostics s", "total s"],
+            [[r["experiences"], r["train_s"], r["eval_s"], r["diagnostics_s"], r["total_s"]] for r in ex["rows"]],
+        )
+        lines.append("")
+    c = result.get("cli")
+    if c:
+        lines += [f"## Command-line latency (median of {c['runs']}; cold: empty caches, every module recompiled)", ""]
+        lines += _table(["command", "cold s", "warm s"], [[r["command"], r["cold_s"], r["warm_s"]] for r in c["rows"]])
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """Merge ``result``'s sections into ``out/perf.json`` and rewrite ``out/README.md`` from the merged file."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "perf.json"
+    merged: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            merged = json.loads(path.read_text())
+        except ValueError:
+            merged = {}
+    merged.update(result)
+    path.write_text(json.dumps(merged, indent=1, ensure_ascii=False) + "\n")
+    page = out / "README.md"
+    page.write_text(markdown(merged))
+    return path, page

@@ -1,0 +1,86 @@
+"""``bench perf strategies|fisher|scaling|cli|all`` at a tiny scale: the JSON's schema, finite ratios, the tables
+(never a timing threshold)."""
+
+import json
+import math
+
+import pytest
+
+from clcompose.bench.cli.main import main as bench_main
+from clcompose.bench.perf import suite, tables
+from clcompose.bench.perf.strategies import main_job, run_config
+
+
+def test_fitted_exponent_is_the_least_squares_slope_in_log_log():
+    assert suite.fitted_exponent([1, 2, 4], [3, 6, 12]) == pytest.approx(1.0)
+    assert suite.fitted_exponent([1, 2, 4], [1, 4, 16]) == pytest.approx(2.0)
+    # hand-computed: x = log(1, 2, 4), y = log(2, 3, 8); b = Σ(x−x̄)(y−ȳ) / Σ(x−x̄)²
+    x = [math.log(v) for v in (1, 2, 4)]
+    y = [math.log(v) for v in (2, 3, 8)]
+    mx, my = sum(x) / 3, sum(y) / 3
+    b = sum((a - mx) * (c - my) for a, c in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+    assert suite.fitted_exponent([1, 2, 4], [2, 3, 8]) == pytest.approx(b, abs=1e-3)
+    assert suite.fitted_exponent([5], [1.0]) is None
+
+
+def test_run_configs_follow_the_main_job_with_overrides():
+    job = main_job()
+    ita = run_config(job, "ita", 0, {"strategy_options": {"fisher": "exact"}, "train": {"epochs": 1}}, "cpu")
+    assert ita["benchmark"] == job["benchmark"] and ita["backbone_options"] == job["backbone_options"]
+    assert ita["strategy_options"]["fisher"] == "exact" and ita["strategy_options"]["tuning"] == "lora"
+    assert ita["train"]["optimizer"] == "adamw" and ita["train"]["epochs"] == 1  # the sweep's train: override kept
+    naive = run_config(job, "naive", 0, {"strategy_options": {"fisher": "exact"}}, "cpu")
+    assert naive["strategy_options"] == {} and naive["train"] == job["train"]
+
+
+def _finite_numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _finite_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _finite_numbers(v)
+    elif isinstance(obj, float):
+        yield obj
+
+
+@pytest.mark.slow
+def test_bench_perf_all_at_a_tiny_scale_writes_the_json_and_the_tables(tmp_path, capsys):
+    out = tmp_path / "perf"
+    argv = ["perf", "all", "--out", str(out), "--strategies", "naive,ita,iel,task-arithmetic", "--per-class", "3"]
+    argv += ["--test-per-class", "3", "--n-experiences", "2", "--epochs", "1", "--fisher-examples", "6"]
+    argv += ["--fisher-classes", "2", "--scaling-examples", "4,8", "--scaling-experiences", "2,4"]
+    argv += ["--scaling-examples-per-experience", "8", "--cli-runs", "1", "--quiet"]
+    assert bench_main(argv) == 0
+    data = json.loads((out / "perf.json").read_text())
+    assert data["schema"] == suite.SCHEMA and set(suite.BENCHMARKS) <= set(data)
+    summary = data["strategies"]["summary"]
+    assert list(summary) == ["naive", "ita", "iel", "task-arithmetic"]
+    for name, row in summary.items():
+        for key in ("relative_to_naive", "fisher_share", "train_wall_per_experience_s", "theta0_per_experience_s"):
+            assert math.isfinite(row[key]) and row[key] >= 0, (name, key)
+    assert summary["naive"]["relative_to_naive"] == 1 and summary["naive"]["fisher_per_experience_s"] == 0
+    assert summary["ita"]["fisher_per_experience_s"] > 0 and summary["ita"]["theta0_per_experience_s"] > 0
+    assert len(data["strategies"]["rows"]["ita"]) == 2  # one row per experience
+    row = data["fisher"]["rows"][0]
+    assert row["examples"] == 6 and math.isfinite(row["batched_vs_floor_exact"]) and row["batched_vs_floor_exact"] > 0
+    sc = data["scaling"]
+    assert [r["examples"] for r in sc["fisher"]["rows"]] == [4, 8] and math.isfinite(sc["fisher"]["exponent"])
+    assert [r["experiences"] for r in sc["experiences"]["rows"]] == [2, 4]
+    assert all(math.isfinite(v) for v in sc["experiences"]["exponent"].values())
+    assert {r["command"] for r in data["cli"]["rows"]} >= {"bench list", "bench --help", "bench run --help"}
+    assert all(math.isfinite(v) for v in _finite_numbers(data))
+    page = (out / "README.md").read_text()
+    assert page == tables.markdown(data) and "| ita |" in page and "bench list" in page
+    # a section run alone replaces only its own part of the file
+    assert bench_main(["perf", "cli", "--out", str(out), "--cli-runs", "1", "--quiet"]) == 0
+    again = json.loads((out / "perf.json").read_text())
+    assert again["strategies"] == data["strategies"] and again["scaling"] == data["scaling"] and "cli" in again
+    capsys.readouterr()
+
+
+def test_bad_perf_arguments_are_one_line_errors(capsys):
+    assert bench_main(["perf", "cli", "--cli-runs", "0"]) == 2
+    assert capsys.readouterr().err.startswith("bench: error: --cli-runs must be >= 1")
+    assert bench_main(["perf", "strategies", "--device", "tpu"]) == 2
+    assert "--device must be cpu or cuda" in capsys.readouterr().err
