@@ -7,9 +7,10 @@ The overlay rewrites a parsed sweep file before it is expanded:
   class, under ``$BENCH_CACHE/smoke-data/<benchmark>``), at 16 px, in 2 experiences;
 - ``vit-b16`` becomes a tiny random ViT (1 block, width 16, 2 heads, 8 px patches; no download, no checkpoint),
   its normalisation kept;
-- 1 epoch, 1 seed, batches of 4, 2 loader workers at most; a virtual batch of V > 1 mini-batches becomes 2 (so
-  that accumulation still happens within an epoch of a few mini-batches); the reference's pre-tuning and
-  alignment schedules keep their code path with 1 epoch each, 8 samples per class and 5 EM iterations;
+- 1 epoch (an entry's own ``train.epochs`` too), 1 seed, batches of 4, 2 loader workers at most; a virtual
+  batch of V > 1 mini-batches becomes 2 (so that accumulation still happens within an epoch of a few
+  mini-batches); the reference's pre-tuning and alignment schedules keep their code path with 1 epoch each,
+  8 samples per class and 5 EM iterations;
 - the sweep is named ``<name>-smoke`` (its own run folders) and runs on the ``local`` profile unless a
   profile is given. Everything else (strategies, their options, precision, checkpoints) stays as it is.
 """
@@ -94,6 +95,8 @@ def apply_scale(data: dict[str, Any], scale: str | None, where: str) -> dict[str
             own_train = dict(opts.get("train") or {})
             if "batch_size" in own_train:
                 own_train["batch_size"] = 4
+            if "epochs" in own_train:  # an entry's own epochs (e.g. L2P's 5) shrink like the shared ones
+                own_train["epochs"] = 1
             if (own_train.get("virtual_batch") or 1) > 1 or opts.get("preset") == "reference":
                 own_train["virtual_batch"] = 2
             if own_train:

@@ -45,7 +45,12 @@ def linearised_forward(pool, base: Mapping[str, torch.Tensor], direction: Mappin
     def f(*weights):
         return pool.forward_with(dict(zip(names, weights)), *args)
 
-    out, jvp_out = jvp(f, primal, tangent)
+    # fused attention kernels (timm's ViT calls scaled_dot_product_attention) have no forward-mode derivative;
+    # the math kernel computes the same attention and has one
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        out, jvp_out = jvp(f, primal, tangent)
     return out + jvp_out
 
 
