@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not COMPARISONS.is_file(), reason="no committed 
 
 
 def _per_seed(runs: pd.DataFrame, labels: str) -> pd.Series:
-    rows = runs[runs["label"].isin([x.strip() for x in labels.split(", ")])]
+    rows = runs[runs["label"].isin([x.strip() for x in labels.split("; ")])]
     return rows.groupby("seed")["final_average_accuracy"].mean()
 
 

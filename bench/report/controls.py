@@ -91,8 +91,8 @@ def comparison_rows(results: Results, benchmark: str, sweep, pairs: list[tuple[s
         va, vb = variants.get(a, set()), variants.get(b, set())
         diff = paired_difference(results, benchmark, va, vb) if va and vb else None
         if diff is not None:
-            label_a = ", ".join(sorted(labels.get(v, v) for v in va))
-            label_b = ", ".join(sorted(labels.get(v, v) for v in vb))
+            label_a = "; ".join(sorted(labels.get(v, v) for v in va))  # labels themselves hold ", "
+            label_b = "; ".join(sorted(labels.get(v, v) for v in vb))
             rows.append({"a": a, "b": b, "label_a": label_a, "label_b": label_b} | diff)
     return rows
 

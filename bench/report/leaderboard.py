@@ -161,7 +161,7 @@ def build_leaderboard(
 
 
 def sweep_sections(results: Results, paths: list[str], out: Path, **sweep_options) -> tuple[dict, list[Path]]:
-    """What the sweep files among ``paths`` add to the page: how each entry was tuned (``selected:``) and the
+    """What the sweep files among ``paths`` add to the page: their ``description``, how each entry was tuned (``selected:``) and the
     paired comparisons of their ``compare:`` pairs (also written to ``tables/<benchmark>-comparisons.csv``)."""
     from clcompose.bench.report.controls import check_compare, comparison_markdown, comparison_rows, write_comparisons
     from clcompose.bench.sweeps.select import tuning_lines
@@ -173,6 +173,9 @@ def sweep_sections(results: Results, paths: list[str], out: Path, **sweep_option
         if Path(path).suffix not in (".yaml", ".yml"):
             continue
         sweep = load_sweep(path, **sweep_options)
+        description = sweep.data.get("description")
+        if isinstance(description, str) and description.strip():
+            sections.setdefault("", []).extend(["## About this leaderboard", "", description.strip(), ""])
         entries = list(sweep.data.get("strategies") or [])
         if isinstance(sweep.data.get("strategies"), dict) and sweep.data.get("selected") is not None:
             lines = tuning_lines(sweep.data, entries, str(path))
