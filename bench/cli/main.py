@@ -353,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for selected.json and its page (default: the file's select.out)")
     p.set_defaults(func=cmd_select)
 
+    from clcompose.bench.cli.skills import add_table_parser as add_skills_table_parser
+
+    add_skills_table_parser(sub, report_args, _sweep_options)
+
     p = sub.add_parser("aggregate", help="read result records and write per-benchmark tables (CSV, Markdown, LaTeX)")
     report_args(p, "output folder (tables go to OUT/tables; the previous generation's files are replaced)")
     p.set_defaults(func=cmd_aggregate)

@@ -7,6 +7,12 @@ arithmetic c_s = λ), and keep the total mass S = Σ_s c_s where that makes sens
 - **specialisation** toward k: c_k = w S and c_s = (1 − w) S/(T − 1) for s ≠ k (for uniform c, w = 1/T is the
   unedited model and w = 1 is θ0 + τ_k alone).
 
+The **head-only control** applies the same edit c → c' to the heads instead of the task vectors: the backbone
+stays at the composition θ0 + Σ_s c_s τ_s and head s's weights and bias are scaled by r_s = c'_s / c_s, i.e. its
+logits W_s φ + b_s become r_s (W_s φ + b_s); a head with r_s = 0 is removed (its classes' logits set to the mask
+value, so they can never be predicted). Drop then masks the target's head, negate flips the sign of its logits,
+and specialisation with w = 1 masks every other head.
+
 Task vectors and heads are saved as safetensors with a JSON header describing the pool.
 """
 
@@ -47,6 +53,33 @@ def specialize_coefficients(coefficients: Sequence[float], target: int, weight: 
         return [total]
     rest = (1.0 - weight) * total / (t - 1)
     return [weight * total if s == target else rest for s in range(t)]
+
+
+def head_scales(coefficients: Sequence[float], edited: Sequence[float]) -> list[float]:
+    """The head-only control of an edit c → c': head s is scaled by r_s = c'_s / c_s (r_s = 0: head removed);
+    an unedited coefficient (c'_s = c_s, also 0) leaves its head as it is."""
+    if len(coefficients) != len(edited):
+        raise ValueError(f"{len(edited)} edited coefficients for {len(coefficients)} task vectors")
+    scales = []
+    for s, (c, e) in enumerate(zip(coefficients, edited)):
+        if c == 0 and e != 0:
+            raise ValueError(f"experience {s} has coefficient 0 in the composition; its head cannot be re-weighted")
+        scales.append(1.0 if c == e else e / c)
+    return scales
+
+
+def edit_head_logits(logits: torch.Tensor, head_classes: Sequence[Sequence[int]], scales: Sequence[float]):
+    """Logits of heads scaled by ``scales``: column j of head s becomes r_s z_j, or the mask value where r_s = 0
+    (scaling a linear head's weights and bias by r_s scales its logits by r_s). Other columns are unchanged."""
+    from clcompose.strategies.core.heads import MASK_VALUE
+
+    if len(scales) != len(head_classes):
+        raise ValueError(f"{len(scales)} scales for {len(head_classes)} heads")
+    out = logits.clone()
+    for classes, r in zip(head_classes, scales):
+        cols = torch.as_tensor(list(classes), dtype=torch.long, device=logits.device)
+        out[:, cols] = MASK_VALUE if r == 0 else logits[:, cols] * r
+    return out
 
 
 def save_task_vectors(model, path: Path, method: str = "") -> Path:
@@ -108,6 +141,39 @@ def load_task_vectors(model, path: Path) -> dict:
 
 
 @torch.no_grad()
+def composed_logits(
+    model, coefficients: Sequence[float] | None, experiences: Iterable[tuple[int, torch.Tensor, torch.Tensor]]
+) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(experience, logits, labels) per batch of the model composed with ``coefficients`` (None: its own)."""
+    model.eval()
+    old = model.coefficients
+    model.coefficients = list(coefficients) if coefficients is not None else None
+    model.invalidate()
+    try:
+        return [(exp, model(x), y) for exp, x, y in experiences]
+    finally:
+        model.coefficients = old
+        model.invalidate()
+
+
+def class_il_accuracy(
+    scored: Iterable[tuple[int, torch.Tensor, torch.Tensor]], target: int, target_classes: Sequence[int]
+) -> dict:
+    """Class-IL accuracy (argmax over every column) on experience ``target`` and on the rest, plus the target's
+    accuracy restricted to its own classes (task-aware); None where there is no example."""
+    from clcompose.strategies.core.heads import mask_to_classes
+
+    hits = {"acc_target": [0, 0], "acc_rest": [0, 0], "acc_target_own_classes": [0, 0]}
+    for exp, logits, y in scored:
+        key = "acc_target" if exp == target else "acc_rest"
+        hits[key][0] += int((logits.argmax(1) == y).sum())
+        hits[key][1] += len(y)
+        if exp == target:
+            hits["acc_target_own_classes"][0] += int((mask_to_classes(logits, target_classes).argmax(1) == y).sum())
+            hits["acc_target_own_classes"][1] += len(y)
+    return {k: (v[0] / v[1] if v[1] else None) for k, v in hits.items()}
+
+
 def edit_accuracy(
     model,
     coefficients: Sequence[float] | None,
@@ -116,22 +182,5 @@ def edit_accuracy(
 ) -> dict:
     """Class-IL accuracy of the model composed with ``coefficients`` on the target experience and on the rest,
     plus the target's accuracy restricted to its own classes (task-aware)."""
-    from clcompose.strategies.core.heads import mask_to_classes
-
-    model.eval()
-    old = model.coefficients
-    model.coefficients = list(coefficients) if coefficients is not None else None
-    model.invalidate()
-    hits = {"acc_target": [0, 0], "acc_rest": [0, 0], "acc_target_own_classes": [0, 0]}
-    target_classes = model.heads.head_classes[target]
-    for exp, x, y in experiences:
-        logits = model(x)
-        key = "acc_target" if exp == target else "acc_rest"
-        hits[key][0] += int((logits.argmax(1) == y).sum())
-        hits[key][1] += len(y)
-        if exp == target:
-            hits["acc_target_own_classes"][0] += int((mask_to_classes(logits, target_classes).argmax(1) == y).sum())
-            hits["acc_target_own_classes"][1] += len(y)
-    model.coefficients = old
-    model.invalidate()
-    return {k: (v[0] / v[1] if v[1] else None) for k, v in hits.items()}
+    scored = composed_logits(model, coefficients, experiences)
+    return class_il_accuracy(scored, target, model.heads.head_classes[target])
