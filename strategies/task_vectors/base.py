@@ -286,10 +286,7 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
                     lambda x: F.log_softmax(anchor(backbone(x))[:, seen], dim=-1),
                     modules,
                     batches,
-                    mode=opts.fisher,
-                    k=opts.fisher_topk,
-                    samples=opts.fisher_mc_samples,
-                    chunk=opts.fisher_chunk,
+                    **opts.fisher_estimator(),
                     generator=gen,
                 )
             finally:
@@ -298,10 +295,7 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
             log_prob,
             pool.base_weights(),
             batches,
-            mode=opts.fisher,
-            k=opts.fisher_topk,
-            samples=opts.fisher_mc_samples,
-            chunk=opts.fisher_chunk,
+            **opts.fisher_estimator(),
             generator=gen,
         )
 

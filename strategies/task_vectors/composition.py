@@ -144,10 +144,7 @@ def task_fisher(strategy, t: int, dataset) -> dict[str, torch.Tensor]:
             log_prob,
             weights,
             torch.split(inputs, strategy.train_config.eval_batch_size),
-            mode=opts.fisher,
-            k=opts.fisher_topk,
-            samples=opts.fisher_mc_samples,
-            chunk=opts.fisher_chunk,
+            **opts.fisher_estimator(),
             generator=gen,
         )
     finally:

@@ -140,6 +140,15 @@ class TaskVectorOptions(Options):
             out.update(vars(klass).get("PRESETS", {}).get(preset, {}))
         return out
 
+    def fisher_estimator(self) -> dict[str, Any]:
+        """The Fisher estimator's settings as the Fisher sums take them (``mode``, ``k``, ``samples``, ``chunk``)."""
+        return {
+            "mode": self.fisher,
+            "k": self.fisher_topk,
+            "samples": self.fisher_mc_samples,
+            "chunk": self.fisher_chunk,
+        }
+
     def train_value(self, name: str, given: Any) -> Any:
         """A ``train.*`` setting the preset decides when the user left it unset (``given is None``)."""
         if given is not None:

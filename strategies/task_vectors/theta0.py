@@ -75,9 +75,6 @@ def theta0_fisher(strategy, retained: RetainedFisherPass, generator: torch.Gener
     seen = torch.tensor(anchor.seen_classes, device=strategy.device)
     return retained.fisher_sum(
         lambda f: F.log_softmax(anchor(f)[:, seen], dim=-1),
-        mode=opts.fisher,
-        k=opts.fisher_topk,
-        samples=opts.fisher_mc_samples,
-        chunk=opts.fisher_chunk,
+        **opts.fisher_estimator(),
         generator=generator,
     )
