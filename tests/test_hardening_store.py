@@ -92,6 +92,49 @@ def test_a_damaged_record_is_moved_aside_and_the_cell_runs_again(damage, finishe
     assert store.cell_state(cell.run_dir).state == "done"
 
 
+@pytest.mark.parametrize("finish_at", range(6))
+def test_a_cell_that_finishes_while_its_state_is_read_reads_as_running_or_done(
+    finish_at, finished, tmp_path, monkeypatch
+):
+    """The worker writes its record, removes running.json and exits at any point while cell_state looks (CI saw
+    a second sweep report such a cell as lost: it read the record before the holder)."""
+    import pathlib
+
+    _, _, sweep = copy_store(finished, tmp_path)
+    cell = sweep.cells[0]
+    record_text = cell.record_path.read_text()
+    cell.record_path.unlink()
+    write_json_atomic(cell.run_dir / store.RUNNING, store.whoami())
+    looks, ended = [0], [False]
+
+    def finish_maybe():
+        if looks[0] == finish_at and not ended[0]:
+            cell.record_path.write_text(record_text)
+            (cell.run_dir / store.RUNNING).unlink()
+            ended[0] = True
+        looks[0] += 1
+
+    real_exists, real_read, real_alive = pathlib.Path.exists, store.read_json, store.is_alive
+
+    def exists(self, *a, **k):
+        finish_maybe()
+        return real_exists(self, *a, **k)
+
+    def read(path, *a, **k):
+        finish_maybe()
+        return real_read(path, *a, **k)
+
+    def alive(holder):
+        finish_maybe()
+        return False if ended[0] else real_alive(holder)
+
+    monkeypatch.setattr(pathlib.Path, "exists", exists)
+    monkeypatch.setattr(store, "read_json", read)
+    monkeypatch.setattr(store, "is_alive", alive)
+    state = store.cell_state(cell.run_dir).state
+    assert state in ("running", "done"), (finish_at, state)
+
+
 def test_bench_run_heals_a_damaged_record_in_the_store_but_never_touches_an_explicit_out(finished, tmp_path, capfd):
     path, runs, sweep = copy_store(finished, tmp_path)
     cell = sweep.cells[0]

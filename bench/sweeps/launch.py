@@ -376,9 +376,13 @@ def launch(
         if error is not None:
             for task in group:
                 job_error.setdefault(task.hash, error)
+    queued_now = None  # asked once, after the jobs ended
     for c in sweep.cells:
         if reports.get(c.hash) is None or reports[c.hash].status == "busy":
-            reports[c.hash] = _final_report(c, ours, ran_here, job_error, busy, outcome_of.get(c.hash) or {})
+            queued_now = store.squeue_states() if queued_now is None else queued_now
+            reports[c.hash] = _final_report(
+                c, ours, ran_here, job_error, busy, outcome_of.get(c.hash) or {}, queued_now
+            )
     return SweepReport(sweep, kind, [reports[c.hash] for c in sweep.cells], sorted(ours))
 
 
@@ -389,12 +393,15 @@ def _final_report(
     job_error: dict[str, str],
     busy: dict[str, dict],
     outcome: dict[str, Any],
+    queued: dict[str, str],
 ) -> CellReport:
     moved = (
         f"{store.RECORD} was {outcome['problem']}; moved aside to {outcome['moved_aside']}"
         if outcome.get("moved_aside")
         else ""
     )
+    # The cell's state is read before its record (see store.cell_state): another process may finish it meanwhile.
+    st = store.cell_state(c.run_dir, queued)
     if is_complete_record(c.record_path):
         if c.hash in ran_here:
             return CellReport(c, "done", moved_aside=moved)
@@ -417,7 +424,6 @@ def _final_report(
     )
     if c.hash in job_error:
         return CellReport(c, "lost", job_error[c.hash] + resume)
-    st = store.cell_state(c.run_dir, store.squeue_states())
     if st.state == "running":
         return CellReport(c, "busy", f"still running in another process ({st.detail})")
     if c.hash in busy:

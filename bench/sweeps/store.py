@@ -42,6 +42,10 @@ def cell_state(run_dir: Path, queued: dict[str, str] | None = None) -> CellState
     """Classify a run folder; ``queued`` maps scheduler job ids to their state (from squeue), when known."""
     run_dir = Path(run_dir)
     record = run_dir / RECORD
+    # The holder is read before the record: a worker writes its record before it removes its RUNNING file, so in
+    # this order a cell that finishes while we look reads as running or done, never as interrupted.
+    running = read_json(run_dir / RUNNING)
+    holder_alive = running is not None and is_alive(running) is not False
     if record.exists():
         problem = record_problem(record)
         if problem is not None:  # the next run moves it aside (record.json.corrupt-<time>) and runs the cell again
@@ -51,8 +55,7 @@ def cell_state(run_dir: Path, queued: dict[str, str] | None = None) -> CellState
         return CellState("done", f"final accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else "")
     progress = checkpoint.peek(run_dir / checkpoint.CHECKPOINT_NAME) or {}
     done_steps = f"{progress['next_step']}/{progress['n_steps']} experiences done" if "n_steps" in progress else ""
-    running = read_json(run_dir / RUNNING)
-    if running is not None and is_alive(running) is not False:
+    if holder_alive:
         where = f"pid {running.get('pid')} on {running.get('host')}" + (
             f", job {running['job_id']}" if running.get("job_id") else ""
         )
