@@ -183,9 +183,16 @@ def prompt_template_kwargs(net: PromptedViT, train, evaluator, device, plugins) 
 
 class PromptStrategy(SupervisedTemplate):
     """Avalanche's template on a :class:`PromptedViT`: CE (past logits masked while training when
-    ``mask_past_logits``, as L2P and CODA-Prompt train on the current classes) + the model's ``extra_loss``."""
+    ``mask_past_logits``, as L2P and CODA-Prompt train on the current classes) + the model's ``extra_loss``.
+
+    The optimiser starts afresh at every experience, as the L2P, CODA-Prompt and InfLoRA codes create a new one
+    per task (Avalanche keeps the state across experiences by default: Adam's momentum would then keep moving
+    the past experiences' heads and prompts after their gradient is masked to zero)."""
 
     mask_past_logits: bool = True
+
+    def check_model_and_optimizer(self, reset_optimizer_state=False, **kwargs):
+        super().check_model_and_optimizer(reset_optimizer_state=True, **kwargs)
 
     def criterion(self):
         logits = self.mb_output
