@@ -211,3 +211,29 @@ def test_the_competitors_sweep_is_the_main_jobs_stream_with_der_slca_tmc_magmax(
     assert {c["strategy"] for _, c in cfgs} >= {"der++", "slca", "tmc", "magmax"}
     pairs = check_compare(sweep.data, str(path))
     assert ("der++", "der++@mem200") in pairs and ("tmc", "task-arithmetic") in pairs
+
+
+def test_the_vit_competitors_sweep_reads_its_selected_learning_rates(tmp_path):
+    """examples/sweep-competitors-vit.yaml: the ViT-only competitors next to the suite's methods on the main
+    stream, each at the learning rate examples/select-vit.yaml chose on validation data."""
+    import json
+
+    from clcompose.bench.report.controls import check_compare
+
+    path = PAPER.parents[0] / "sweep-competitors-vit.yaml"
+    sweep = load_sweep(path, runs_dir=tmp_path)
+    cfgs = {(c.entry, c.hash): _resolved(c) for c in sweep.cells}
+    assert len(cfgs) == 9 * 3
+    assert {c["strategy"] for c in cfgs.values()} >= {"l2p", "coda-prompt", "inflora", "ita", "iel", "linear-probe"}
+    selected = json.loads((PAPER.parents[1] / "results" / "selection-vit" / "selected.json").read_text())
+    winners = selected["benchmarks"]["split-fmnist"]
+    for (entry, _hash), cfg in cfgs.items():
+        assert cfg["backbone"] == "vit-b16" and cfg["backbone_options"]["pretrained"] is False
+        assert cfg["benchmark"] == "split-fmnist" and cfg["train"]["epochs"] == 5
+        won = winners[entry]["chosen"]
+        for key, value in (won.get("train") or {}).items():
+            assert cfg["train"][key] == value, (entry, key)
+        for key, value in (won.get("strategy") or {}).items():
+            assert cfg["strategy_options"][key] == value, (entry, key)
+    pairs = check_compare(sweep.data, str(path))
+    assert ("coda-prompt", "l2p") in pairs and ("inflora", "task-arithmetic") in pairs

@@ -66,8 +66,13 @@ def test_bench_perf_all_at_a_tiny_scale_writes_the_json_and_the_tables(tmp_path,
     assert row["examples"] == 6 and math.isfinite(row["batched_vs_floor_exact"]) and row["batched_vs_floor_exact"] > 0
     sc = data["scaling"]
     assert [r["examples"] for r in sc["fisher"]["rows"]] == [4, 8] and math.isfinite(sc["fisher"]["exponent"])
-    assert [r["experiences"] for r in sc["experiences"]["rows"]] == [2, 4]
-    assert all(math.isfinite(v) for v in sc["experiences"]["exponent"].values())
+    rows = sc["experiences"]["rows"]
+    assert [(r["align_epochs_per_task"], r["experiences"]) for r in rows] == [(5, 2), (5, 4), (0, 2), (0, 4)]
+    for r in rows:  # eval_s is rounded to the millisecond
+        n2 = r["experiences"] ** 2
+        assert r["eval_per_entry_ms"] == pytest.approx(1000 * r["eval_s"] / n2, abs=0.5 / n2 + 1e-3)
+    assert list(sc["experiences"]["exponents"]) == ["5", "0"]
+    assert all(math.isfinite(v) for e in sc["experiences"]["exponents"].values() for v in e.values())
     assert {r["command"] for r in data["cli"]["rows"]} >= {"bench list", "bench --help", "bench run --help"}
     assert all(math.isfinite(v) for v in _finite_numbers(data))
     page = (out / "README.md").read_text()

@@ -45,6 +45,12 @@ def add_parser(sub) -> None:
     g.add_argument("--scaling-examples", type=_list, dest="scaling_examples", help="default 64,256,1024,all")
     g.add_argument("--scaling-experiences", type=_list, dest="scaling_experiences", help="default 5,10,20")
     g.add_argument(
+        "--scaling-align-epochs-per-task",
+        type=_list,
+        dest="scaling_align_epochs_per_task",
+        help="alignment schedules of the experiences table (default 5,0: the reference's, then a fixed one)",
+    )
+    g.add_argument(
         "--scaling-examples-per-experience", type=int, dest="scaling_examples_per_experience", help="default 40"
     )
     g.add_argument("--cli-runs", type=int, dest="cli_runs", help="runs per command (3)")

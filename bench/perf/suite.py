@@ -5,7 +5,11 @@
 - ``fisher``: the batched Fisher per example against one batched forward + backward per label (:mod:`.fisher`);
 - ``scaling``: Fisher time against the number of examples (64, 256, 1024 and all of one main-job experience) and
   total time against the number of experiences (5, 10, 20 on the 20-class split-mnist5k-animal stream with the
-  small CNN, the same examples per experience), each with the fitted exponent b of time ∝ size^b (1: linear);
+  small CNN, the same examples per experience), each with the fitted exponent b of time ∝ size^b (1: linear).
+  The experiences table is measured under two alignment schedules: the reference's (``align_epochs`` +
+  ``align_epochs_per_task`` · t epochs over samples of every class seen, so experience t costs O(t²) and the
+  stream O(T³) by design) and a fixed one (``align_epochs_per_task = 0``); evaluation fills a T × T accuracy
+  matrix, so it is also reported per matrix entry;
 - ``cli``: ``bench list`` and ``--help`` latencies, cold and warm (:mod:`.cli`);
 - ``all``: the four.
 
@@ -72,35 +76,48 @@ def scaling(settings: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     ]
     per_experience = settings["scaling_examples_per_experience"]
     experience_rows_out = []
-    for n in settings["scaling_experiences"]:
-        classes = 20 // n
-        cfg = {
-            "benchmark": "split-mnist5k-animal",
-            "backbone": "small-cnn",
-            "strategy": settings["scaling_strategy"],
-            "seed": 0,
-            "benchmark_options": {
-                "n_experiences": n,
-                "per_class": max(1, per_experience // classes),
-                "test_per_class": max(1, settings["scaling_test_per_experience"] // classes),
-            },
-            "backbone_options": settings["scaling_backbone_options"],
-            "train": {"epochs": 1, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3},
-            "device": settings["device"],
+    for schedule in settings["scaling_align_epochs_per_task"]:
+        for n in settings["scaling_experiences"]:
+            classes = 20 // n
+            cfg = {
+                "benchmark": "split-mnist5k-animal",
+                "backbone": "small-cnn",
+                "strategy": settings["scaling_strategy"],
+                "seed": 0,
+                "benchmark_options": {
+                    "n_experiences": n,
+                    "per_class": max(1, per_experience // classes),
+                    "test_per_class": max(1, settings["scaling_test_per_experience"] // classes),
+                },
+                "backbone_options": settings["scaling_backbone_options"],
+                "strategy_options": {"align_epochs_per_task": int(schedule)},
+                "train": {"epochs": 1, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3},
+                "device": settings["device"],
+            }
+            rec = execute(RunConfig.from_dict(cfg).resolve(), progress=False)
+            steps = experience_rows(rec)
+            eval_s = sum(s["eval_wall_s"] for s in steps)
+            row = {
+                "align_epochs_per_task": int(schedule),
+                "experiences": n,
+                "train_s": round(sum(s["train_wall_s"] for s in steps), 3),
+                "train_per_experience_s": round(sum(s["train_wall_s"] for s in steps) / n, 3),
+                "eval_s": round(eval_s, 3),
+                "eval_per_entry_ms": round(1000 * eval_s / (n * n), 3),  # one entry = one test experience scored
+                "diagnostics_s": round(sum(s["diagnostics_s"] for s in steps), 3),
+                "total_s": round(sum(s["train_wall_s"] + s["eval_wall_s"] for s in steps), 3),  # set-up excluded
+            }
+            experience_rows_out.append(row)
+            if progress:
+                print(f"  {n} experiences: {row}", file=sys.stderr)
+    by_schedule = {}
+    for schedule in settings["scaling_align_epochs_per_task"]:
+        rows = [r for r in experience_rows_out if r["align_epochs_per_task"] == int(schedule)]
+        sizes = [r["experiences"] for r in rows]
+        by_schedule[str(int(schedule))] = {
+            k: fitted_exponent(sizes, [r[k] for r in rows])
+            for k in ("train_s", "eval_s", "diagnostics_s", "total_s", "train_per_experience_s", "eval_per_entry_ms")
         }
-        rec = execute(RunConfig.from_dict(cfg).resolve(), progress=False)
-        steps = experience_rows(rec)
-        row = {
-            "experiences": n,
-            "train_s": round(sum(s["train_wall_s"] for s in steps), 3),
-            "eval_s": round(sum(s["eval_wall_s"] for s in steps), 3),
-            "diagnostics_s": round(sum(s["diagnostics_s"] for s in steps), 3),
-            "total_s": round(sum(s["train_wall_s"] + s["eval_wall_s"] for s in steps), 3),  # set-up excluded
-        }
-        experience_rows_out.append(row)
-        if progress:
-            print(f"  {n} experiences: {row}", file=sys.stderr)
-    exps = [r["experiences"] for r in experience_rows_out]
     return {
         "fisher": {
             "backbone": job["backbone"],
@@ -113,9 +130,7 @@ def scaling(settings: dict[str, Any], progress: bool = True) -> dict[str, Any]:
             "strategy": settings["scaling_strategy"],
             "examples_per_experience": per_experience,
             "rows": experience_rows_out,
-            "exponent": {
-                k: fitted_exponent(exps, [r[k] for r in experience_rows_out]) for k in ("train_s", "eval_s", "total_s")
-            },
+            "exponents": by_schedule,  # per alignment schedule (align_epochs_per_task)
         },
     }
 
@@ -199,6 +214,7 @@ DEFAULTS: dict[str, Any] = {
     "scaling_classes": 2,  # the first experience's softmax (two seen classes)
     "scaling_experiences": [5, 10, 20],
     "scaling_strategy": "ita",
+    "scaling_align_epochs_per_task": [5, 0],  # the reference's growing alignment schedule, then a fixed one
     "scaling_examples_per_experience": 40,
     "scaling_test_per_experience": 20,
     "scaling_backbone_options": {"source": "fmnist", "pretrain_epochs": 1, "width": 8, "input_size": 16},
