@@ -128,6 +128,29 @@ def write_json_atomic(path: Path, payload: Any, *, overwrite: bool = False) -> P
     return path
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Replace ``path`` by ``text`` so that readers see the old file or the new one, never a part of either
+    (a temporary file in the same folder, fsynced, then renamed over it). For tables, pages and the like."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_csv_atomic(path: Path, frame: Any) -> Path:
+    """A pandas DataFrame as CSV (no index), written with :func:`write_text_atomic`."""
+    return write_text_atomic(path, frame.to_csv(index=False))
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object from ``path``, or None when the file is missing, unreadable, malformed or not an object
     (for the store's small state files, which may be caught half-written by a killed process)."""

@@ -342,3 +342,22 @@ def test_resumes_count_attempts_killed_before_their_next_checkpoint(tmp_path, mo
     assert all(r["at"] and r["host"] for r in rec["resumes"])
     assert rec["accuracy_matrix"] == reference["accuracy_matrix"] and rec["metrics"] == reference["metrics"]
     assert not checkpoint_path.exists() and not checkpoint_path.with_suffix(".json").exists()
+
+
+def test_a_table_write_that_fails_halfway_leaves_the_old_table_whole(tmp_path, monkeypatch):
+    """Tables and pages (leaderboards, selection, perf) are replaced atomically, like records."""
+    import pandas as pd
+
+    from clcompose.bench import io
+
+    table = tmp_path / "tables" / "runs.csv"
+    io.write_csv_atomic(table, pd.DataFrame({"a": [1, 2]}))
+    before = table.read_text()
+
+    def disk_full(_fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        io.write_csv_atomic(table, pd.DataFrame({"a": list(range(1000))}))
+    assert table.read_text() == before and sorted(p.name for p in table.parent.iterdir()) == ["runs.csv"]

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from clcompose.bench.io import display_path
+from clcompose.bench.io import display_path, write_csv_atomic, write_text_atomic
 from clcompose.bench.report.stats import ci95_halfwidth  # noqa: F401  (re-exported)
 from clcompose.strategies.core.registry import ConfigError
 
@@ -411,12 +411,10 @@ def write_tables(results: Results, out: Path) -> list[Path]:
     for benchmark in results.benchmarks():
         table = summary_table(results, benchmark)
         base = folder / benchmark
-        table.drop(columns=["variant"]).rename(columns={"label": "variant"}).to_csv(
-            base.with_suffix(".csv"), index=False
-        )
-        base.with_suffix(".md").write_text(to_markdown(table))
+        write_csv_atomic(base.with_suffix(".csv"), table.drop(columns=["variant"]).rename(columns={"label": "variant"}))
+        write_text_atomic(base.with_suffix(".md"), to_markdown(table))
         caption = f"{benchmark}: mean over seeds ± 95 % confidence half-width (Student's t; n seeds per row)."
-        base.with_suffix(".tex").write_text(to_latex(table, caption))
+        write_text_atomic(base.with_suffix(".tex"), to_latex(table, caption))
         written += [base.with_suffix(s) for s in (".csv", ".md", ".tex")]
     if len(results.runs):
         cols = [
@@ -440,6 +438,6 @@ def write_tables(results: Results, out: Path) -> list[Path]:
         ] + results.extra_metrics
         runs = results.runs.sort_values(["benchmark", "label", "seed"])[cols]
         runs = runs.assign(path=runs["path"].map(display_path))  # the tables may be committed: no home folders in them
-        runs.to_csv(folder / "runs.csv", index=False)
+        write_csv_atomic(folder / "runs.csv", runs)
         written.append(folder / "runs.csv")
     return written

@@ -24,6 +24,7 @@ import json
 import typing
 from pathlib import Path
 
+from clcompose.bench.io import write_csv_atomic, write_text_atomic
 from clcompose.bench.report.aggregate import Results, ci95_halfwidth, variant_labels
 
 OPTION = "composition"  # the strategy option that names the rule
@@ -148,8 +149,8 @@ def write_composition_tables(results: Results, out: Path) -> list[Path]:
             continue
         csv, md = table_paths(out, benchmark)
         csv.parent.mkdir(parents=True, exist_ok=True)
-        to_wide(table).to_csv(csv, index=False)
-        md.write_text(to_markdown(table))
+        write_csv_atomic(csv, to_wide(table))
+        write_text_atomic(md, to_markdown(table))
         written += [csv, md]
     return written
 

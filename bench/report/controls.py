@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from clcompose.bench.io import read_json
+from clcompose.bench.io import read_json, write_csv_atomic
 from clcompose.bench.report.aggregate import SEED_KEYS, Results, ci95_halfwidth
 from clcompose.strategies.core.registry import ConfigError
 
@@ -117,5 +117,4 @@ def write_comparisons(rows: list[dict[str, Any]], path: Path) -> Path:
     import pandas as pd
 
     frame = pd.DataFrame([{k: v for k, v in r.items() if k != "per_seed"} for r in rows])
-    frame.to_csv(path, index=False)
-    return path
+    return write_csv_atomic(path, frame)

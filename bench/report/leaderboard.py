@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from clcompose.bench.io import display_path
+from clcompose.bench.io import display_path, write_text_atomic
 from clcompose.bench.report.aggregate import Results, load_results, summary_table, to_markdown, write_tables
 from clcompose.bench.report.composition_table import composition_section, write_composition_tables
 from clcompose.bench.report.output import (
@@ -154,7 +154,7 @@ def build_leaderboard(
     options = {"runs_dir": runs_dir, "profile": profile, "overrides": overrides, "scale": scale}
     sections, extra = sweep_sections(results, paths, out, **options)
     written += extra
-    page.write_text(render_page(results, figures, out, sources, sections))
+    write_text_atomic(page, render_page(results, figures, out, sources, sections))
     written += [p for by_name in figures.values() for pair in by_name.values() for p in pair] + [page]
     write_manifest(out, written, "bench leaderboard")
     return page, results

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clcompose.bench.io import display_path
+from clcompose.bench.io import display_path, write_csv_atomic, write_text_atomic
 from clcompose.bench.report.stats import ci95_halfwidth
 from clcompose.strategies.core.registry import ConfigError
 
@@ -211,8 +211,8 @@ def write_skills_table(
     remove_previous(out)
     out.mkdir(parents=True, exist_ok=True)
     command = "bench skills-table " + " ".join(map(str, paths)) + f" --weight {weight:g}"
-    (out / "README.md").write_text(to_markdown(table, weight, command, skipped))
-    table.to_csv(out / "skills.csv", index=False)
+    write_text_atomic(out / "README.md", to_markdown(table, weight, command, skipped))
+    write_csv_atomic(out / "skills.csv", table)
     written = [out / "README.md", out / "skills.csv"]
     write_manifest(out, written, "bench skills-table")
     return written, table, skipped

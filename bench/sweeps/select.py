@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clcompose.bench.io import display_path, read_json, utc_now, write_json_atomic
+from clcompose.bench.io import display_path, read_json, utc_now, write_json_atomic, write_text_atomic
 from clcompose.strategies.core.registry import ConfigError
 
 RULES = {
@@ -203,9 +203,7 @@ def write_selection(sweep, out: str | Path | None = None) -> list[Path]:
     selection = choose(sweep)
     written = [write_json_atomic(folder / "selected.json", selection, overwrite=True)]
     page = folder / "README.md"
-    tmp = page.with_name(page.name + ".tmp")
-    tmp.write_text(selection_markdown(selection))
-    tmp.replace(page)
+    write_text_atomic(page, selection_markdown(selection))
     return [*written, page]
 
 
