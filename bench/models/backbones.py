@@ -98,7 +98,18 @@ class EfficientNetLite0(FrozenBatchNormMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = resize(to_channels(x, 3), self.image_size)
         x = (x * 255.0 - 127.0) / 128.0
-        return self.net.extract_features(x).mean(dim=(2, 3))
+        # channels-last activations: the same convolutions, 1.3-1.8x faster on CPU (depthwise convs above all;
+        # measured side by side, `bench perf strategies`); the weights keep their layout
+        return self.net.extract_features(_channels_last(x)).mean(dim=(2, 3))
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last layout; as it is under torch.func's vmap, which cannot query that layout (the
+    per-example reference Fisher): the values are the same either way."""
+    try:
+        return x.contiguous(memory_format=torch.channels_last)
+    except RuntimeError:
+        return x
 
 
 def efficientnet_weights_path() -> Path:
