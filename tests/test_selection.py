@@ -109,6 +109,8 @@ def test_select_picks_the_best_mean_validation_accuracy_and_the_final_sweep_star
     lines = tuning_lines(load_sweep(final, runs_dir=tmp_path / "x").data, list(cells), str(final))
     assert any(line.startswith("- `ewc` (split-digits): set by hand") for line in lines)
     assert any("`naive@slow`" in line and "fixed by the sweep file" in line for line in lines)
+    (slow,) = [line for line in lines if "`naive@slow`" in line]
+    assert "lr=0.0002 (over the selected lr=" in slow and "selected on validation data: epochs" not in slow, slow
 
     # the leaderboard of a final sweep: how each row was tuned, and the paired comparison of its compare: pairs
     two = tmp_path / "two.yaml"

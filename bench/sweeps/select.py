@@ -223,6 +223,21 @@ def tuning_lines(data: dict[str, Any], entries: Sequence[str], where: str) -> li
                 fixed = {k: v for k, v in own.items() if k not in ("train", "selected_from")}
                 fixed |= dict(own.get("train") or {})
                 origin = f" (the winner of `{source}`)" if source else ""
-                text = f"- `{entry}` ({bench}): selected on validation data{origin}: {_values_text(won)}"
-                lines.append(text + (f"; fixed by the sweep file: {fixed}" if fixed else ""))
+                # a value the entry states wins over the selection's: say so, and list it only once
+                chosen = {k: v for section in SECTIONS for k, v in won[section].items()}
+                kept = {section: {k: v for k, v in won[section].items() if k not in fixed} for section in SECTIONS}
+                if any(kept.values()):
+                    text = f"- `{entry}` ({bench}): selected on validation data{origin}: {_values_text(kept)}"
+                else:
+                    text = f"- `{entry}` ({bench}): nothing taken from the selection{origin}"
+                stated = [
+                    _values_text({"strategy": {k: v}, "train": {}})
+                    + (
+                        f" (over the selected {_values_text({'strategy': {k: chosen[k]}, 'train': {}})})"
+                        if k in chosen
+                        else ""
+                    )
+                    for k, v in fixed.items()
+                ]
+                lines.append(text + (f"; fixed by the sweep file: {', '.join(stated)}" if stated else ""))
     return lines
