@@ -106,31 +106,24 @@ def write_json_atomic(path: Path, payload: Any, *, overwrite: bool = False) -> P
         raise NonFiniteError(
             f"{path} was not written: it would hold a non-finite number (NaN or infinity) at {where}; JSON has none"
         ) from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise RecordExistsError(
-                    f"{path} already exists; records are never overwritten (choose another --out)"
-                ) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    if overwrite:
+        return write_text_atomic(path, text)
+
+    def link(tmp: Path, target: Path) -> None:
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise RecordExistsError(
+                f"{target} already exists; records are never overwritten (choose another --out)"
+            ) from None
+
+    return write_text_atomic(path, text, place=link)
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
+def write_text_atomic(path: Path, text: str, place: Any = None) -> Path:
     """Replace ``path`` by ``text`` so that readers see the old file or the new one, never a part of either
-    (a temporary file in the same folder, fsynced, then renamed over it). For tables, pages and the like."""
+    (a temporary file in the same folder, fsynced, then renamed over it). For tables, pages and the like;
+    ``place(tmp, path)`` puts the written file in place (``os.replace``; records link it, never clobbering)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -139,7 +132,7 @@ def write_text_atomic(path: Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        (place or os.replace)(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
