@@ -89,3 +89,5 @@ def test_bad_perf_arguments_are_one_line_errors(capsys):
     assert capsys.readouterr().err.startswith("bench: error: --cli-runs must be >= 1")
     assert bench_main(["perf", "strategies", "--device", "tpu"]) == 2
     assert "--device must be cpu or cuda" in capsys.readouterr().err
+    assert bench_main(["perf", "scaling", "--scaling-align-epochs-per-task", "5,all"]) == 2
+    assert capsys.readouterr().err.startswith("bench: error: --scaling-align-epochs-per-task must be integers >= 0")

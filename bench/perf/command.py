@@ -69,6 +69,12 @@ def cmd_perf(args: argparse.Namespace) -> int:
     for key in ("repeats", "threads", "cli_runs", "per_class", "test_per_class", "n_experiences", "epochs"):
         if settings.get(key) is not None and settings[key] < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+    for key, least in (("scaling_align_epochs_per_task", 0), ("scaling_experiences", 1)):
+        values = settings.get(key)
+        if values is not None and not all(isinstance(v, int) and v >= least for v in values):
+            raise ConfigError(
+                f"--{key.replace('_', '-')} must be integers >= {least}, got {','.join(map(str, values))}"
+            )
     if args.device is not None and not (args.device == "cpu" or args.device.startswith("cuda")):
         raise ConfigError(f"--device must be cpu or cuda[:N], got {args.device!r}")
     return main(args.what, args.out, settings, command="bench " + " ".join(sys.argv[1:]), progress=not args.quiet)

@@ -29,6 +29,8 @@ from typing import Any
 
 SCHEMA = 1
 BENCHMARKS = ("strategies", "fisher", "scaling", "cli")
+# the experiences table's columns that get a fitted exponent (time ∝ experiences^b)
+EXPONENT_KEYS = ("train_s", "train_per_experience_s", "eval_s", "eval_per_entry_ms", "diagnostics_s", "total_s")
 
 
 def fitted_exponent(sizes: list[float], times: list[float]) -> float | None:
@@ -75,8 +77,9 @@ def scaling(settings: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         {"examples": r["examples"], "fisher_s": r["batched_exact_s"], "all": r["examples"] == every} for r in f["rows"]
     ]
     per_experience = settings["scaling_examples_per_experience"]
-    experience_rows_out = []
+    experience_rows_out, by_schedule = [], {}
     for schedule in settings["scaling_align_epochs_per_task"]:
+        rows = []
         for n in settings["scaling_experiences"]:
             classes = 20 // n
             cfg = {
@@ -90,34 +93,30 @@ def scaling(settings: dict[str, Any], progress: bool = True) -> dict[str, Any]:
                     "test_per_class": max(1, settings["scaling_test_per_experience"] // classes),
                 },
                 "backbone_options": settings["scaling_backbone_options"],
-                "strategy_options": {"align_epochs_per_task": int(schedule)},
+                "strategy_options": {"align_epochs_per_task": schedule},
                 "train": {"epochs": 1, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3},
                 "device": settings["device"],
             }
             rec = execute(RunConfig.from_dict(cfg).resolve(), progress=False)
             steps = experience_rows(rec)
+            train_s = sum(s["train_wall_s"] for s in steps)
             eval_s = sum(s["eval_wall_s"] for s in steps)
             row = {
-                "align_epochs_per_task": int(schedule),
+                "align_epochs_per_task": schedule,
                 "experiences": n,
-                "train_s": round(sum(s["train_wall_s"] for s in steps), 3),
-                "train_per_experience_s": round(sum(s["train_wall_s"] for s in steps) / n, 3),
+                "train_s": round(train_s, 3),
+                "train_per_experience_s": round(train_s / n, 3),
                 "eval_s": round(eval_s, 3),
                 "eval_per_entry_ms": round(1000 * eval_s / (n * n), 3),  # one entry = one test experience scored
                 "diagnostics_s": round(sum(s["diagnostics_s"] for s in steps), 3),
-                "total_s": round(sum(s["train_wall_s"] + s["eval_wall_s"] for s in steps), 3),  # set-up excluded
+                "total_s": round(train_s + eval_s, 3),  # set-up excluded
             }
-            experience_rows_out.append(row)
+            rows.append(row)
             if progress:
                 print(f"  {n} experiences: {row}", file=sys.stderr)
-    by_schedule = {}
-    for schedule in settings["scaling_align_epochs_per_task"]:
-        rows = [r for r in experience_rows_out if r["align_epochs_per_task"] == int(schedule)]
         sizes = [r["experiences"] for r in rows]
-        by_schedule[str(int(schedule))] = {
-            k: fitted_exponent(sizes, [r[k] for r in rows])
-            for k in ("train_s", "eval_s", "diagnostics_s", "total_s", "train_per_experience_s", "eval_per_entry_ms")
-        }
+        by_schedule[str(schedule)] = {k: fitted_exponent(sizes, [r[k] for r in rows]) for k in EXPONENT_KEYS}
+        experience_rows_out += rows
     return {
         "fisher": {
             "backbone": job["backbone"],

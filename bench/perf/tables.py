@@ -109,55 +109,30 @@ def markdown(result: dict[str, Any]) -> str:
             "quadratic; evaluation per matrix entry and training per experience are what should stay flat.",
             "",
         ]
+        exponent_columns = [
+            ("training", "train_s"),
+            ("training per experience", "train_per_experience_s"),
+            ("evaluation", "eval_s"),
+            ("eval per entry", "eval_per_entry_ms"),
+            ("diagnostics", "diagnostics_s"),
+            ("total", "total_s"),
+        ]
         lines += _table(
-            [
-                "align_epochs_per_task",
-                "training",
-                "training per experience",
-                "evaluation",
-                "eval per entry",
-                "diagnostics",
-                "total",
-            ],
-            [
-                [
-                    k,
-                    e["train_s"],
-                    e["train_per_experience_s"],
-                    e["eval_s"],
-                    e["eval_per_entry_ms"],
-                    e["diagnostics_s"],
-                    e["total_s"],
-                ]
-                for k, e in ex["exponents"].items()
-            ],
+            ["align_epochs_per_task"] + [h for h, _ in exponent_columns],
+            [[k] + [e[key] for _, key in exponent_columns] for k, e in ex["exponents"].items()],
         )
         lines.append("")
-        lines += _table(
-            [
-                "align_epochs_per_task",
-                "experiences",
-                "training s",
-                "training s/exp",
-                "evaluation s",
-                "eval ms/entry",
-                "diagnostics s",
-                "total s",
-            ],
-            [
-                [
-                    r["align_epochs_per_task"],
-                    r["experiences"],
-                    r["train_s"],
-                    r["train_per_experience_s"],
-                    r["eval_s"],
-                    r["eval_per_entry_ms"],
-                    r["diagnostics_s"],
-                    r["total_s"],
-                ]
-                for r in ex["rows"]
-            ],
-        )
+        row_columns = [
+            ("align_epochs_per_task", "align_epochs_per_task"),
+            ("experiences", "experiences"),
+            ("training s", "train_s"),
+            ("training s/exp", "train_per_experience_s"),
+            ("evaluation s", "eval_s"),
+            ("eval ms/entry", "eval_per_entry_ms"),
+            ("diagnostics s", "diagnostics_s"),
+            ("total s", "total_s"),
+        ]
+        lines += _table([h for h, _ in row_columns], [[r[key] for _, key in row_columns] for r in ex["rows"]])
         lines.append("")
     c = result.get("cli")
     if c:

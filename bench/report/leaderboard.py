@@ -161,8 +161,9 @@ def build_leaderboard(
 
 
 def sweep_sections(results: Results, paths: list[str], out: Path, **sweep_options) -> tuple[dict, list[Path]]:
-    """What the sweep files among ``paths`` add to the page: their ``description``, how each entry was tuned (``selected:``) and the
-    paired comparisons of their ``compare:`` pairs (also written to ``tables/<benchmark>-comparisons.csv``)."""
+    """What the sweep files among ``paths`` add to the page: their ``description``, how each entry was tuned
+    (``selected:``) and the paired comparisons of their ``compare:`` pairs (also written to
+    ``tables/<benchmark>-comparisons.csv``)."""
     from clcompose.bench.report.controls import check_compare, comparison_markdown, comparison_rows, write_comparisons
     from clcompose.bench.sweeps.select import tuning_lines
     from clcompose.bench.sweeps.sweep import load_sweep

@@ -169,9 +169,12 @@ def choose(sweep) -> dict[str, Any]:
     return out
 
 
+def _value_text(key: str, value: Any) -> str:
+    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+
+
 def _values_text(values: dict[str, dict[str, Any]]) -> str:
-    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for s in SECTIONS for k, v in values[s].items()]
-    return ", ".join(parts) or "(no grid)"
+    return ", ".join(_value_text(k, v) for s in SECTIONS for k, v in values[s].items()) or "(no grid)"
 
 
 def selection_markdown(selection: dict[str, Any]) -> str:
@@ -231,12 +234,7 @@ def tuning_lines(data: dict[str, Any], entries: Sequence[str], where: str) -> li
                 else:
                     text = f"- `{entry}` ({bench}): nothing taken from the selection{origin}"
                 stated = [
-                    _values_text({"strategy": {k: v}, "train": {}})
-                    + (
-                        f" (over the selected {_values_text({'strategy': {k: chosen[k]}, 'train': {}})})"
-                        if k in chosen
-                        else ""
-                    )
+                    _value_text(k, v) + (f" (over the selected {_value_text(k, chosen[k])})" if k in chosen else "")
                     for k, v in fixed.items()
                 ]
                 lines.append(text + (f"; fixed by the sweep file: {', '.join(stated)}" if stated else ""))
