@@ -128,15 +128,61 @@ def test_unsupported_layers_are_refused():
         layer_fisher_sum(lambda x: x, {"odd.weight": Odd(2, 2, 3)}, [torch.zeros(1, 2, 4, 4)])
 
 
-@pytest.mark.parametrize("positions", [1, 2, 3, 7])
-def test_both_routes_of_the_sum_of_squares_agree_with_explicit_per_example_gradients(positions):
-    from clcompose.strategies.core.per_example import _sum_of_squares
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("size", [1, 2, 5, 9])
+@pytest.mark.parametrize("passes", [1, 4])
+def test_every_route_of_the_layer_squares_agrees_with_explicit_per_example_gradients(groups, size, passes):
+    """Expanded square, per-example routes (batched matmul; grouped: a loop over positions up to 4, the
+    convolution's weight-gradient kernel beyond: 9 and 81 positions at sizes 5 and 9) and the automatic choice, against
+    per-example autograd gradients over several passes."""
+    from clcompose.strategies.core import per_example
 
-    torch.manual_seed(positions)
-    d, u = torch.randn(5, 40, positions, dtype=torch.float64), torch.randn(5, 30, positions, dtype=torch.float64)
-    explicit = sum((d[b] @ u[b].T).pow(2) for b in range(5))
-    assert torch.allclose(_sum_of_squares(d, u, chunk=2), explicit, rtol=1e-12, atol=1e-12)
-    wide = torch.randn(5, 2, positions, dtype=torch.float64)  # few outputs: the per-example route
-    assert torch.allclose(
-        _sum_of_squares(wide, u, chunk=2), sum((wide[b] @ u[b].T).pow(2) for b in range(5)), rtol=1e-12
-    )
+    torch.manual_seed(size * 10 + groups)
+    conv = nn.Conv2d(6, 9, 3, padding=1, stride=2 if size == 5 else 1, groups=groups).double()
+    x = torch.randn(4, 6, size, size, dtype=torch.float64)
+    deltas = [torch.randn_like(conv(x)) for _ in range(passes)]
+    explicit = torch.zeros_like(conv.weight)
+    for b in range(4):
+        for d in deltas:
+            (g,) = torch.autograd.grad(conv(x[b : b + 1]), conv.weight, d[b : b + 1])
+            explicit += g.pow(2)
+    for route in ("expanded", "per-example", None):
+        squares = per_example.LayerSquares(conv, x, passes, chunk=3, route=route)
+        for d in deltas:
+            squares.add(d)
+        assert torch.allclose(squares.total(), explicit, rtol=1e-12, atol=1e-12), route
+
+
+def test_exact_output_vectors_factorise_diag_p_minus_ppT_in_one_pass_fewer_than_classes():
+    from clcompose.strategies.core.per_example import output_vectors
+
+    torch.manual_seed(5)
+    logp = F.log_softmax(torch.randn(7, 5, dtype=torch.float64) * 3, dim=-1)
+    p = logp.exp()
+    vectors = output_vectors(logp, "exact")
+    assert len(vectors) == 4
+    stacked = torch.stack(vectors, dim=2)  # (B, C, C-1)
+    want = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    assert torch.allclose(stacked @ stacked.transpose(1, 2), want, atol=1e-12)
+    assert torch.allclose(stacked.sum(1), torch.zeros(7, 4, dtype=torch.float64), atol=1e-12)  # 1ᵀ v = 0
+    assert output_vectors(logp[:, :1] - logp[:, :1], "exact") == []  # one class: no information
+
+
+@pytest.mark.parametrize("tokens", [None, 1, 6])
+def test_both_routes_of_the_layer_squares_on_linear_layers_with_and_without_tokens(tokens):
+    from clcompose.strategies.core.per_example import LayerSquares
+
+    torch.manual_seed(tokens or 0)
+    linear = nn.Linear(5, 4).double()
+    x = torch.randn(3, 5, dtype=torch.float64) if tokens is None else torch.randn(3, tokens, 5, dtype=torch.float64)
+    deltas = [torch.randn_like(linear(x)) for _ in range(3)]
+    explicit = torch.zeros_like(linear.weight)
+    for b in range(3):
+        for d in deltas:
+            (g,) = torch.autograd.grad(linear(x[b : b + 1]), linear.weight, d[b : b + 1])
+            explicit += g.pow(2)
+    for route in ("expanded", "per-example"):
+        squares = LayerSquares(linear, x, 3, chunk=2, route=route)
+        for d in deltas:
+            squares.add(d)
+        assert torch.allclose(squares.total(), explicit, rtol=1e-12, atol=1e-12), route

@@ -4,15 +4,14 @@ For a layer with input activations a and output gradients δ of one example, the
 g = Σ_positions δ aᵀ (positions: tokens of a Linear on (B, T, d) inputs, pixels of a convolution, none for a
 plain (B, d) input). Forward hooks keep a and the layer outputs; ``torch.autograd.grad`` of a *batch* loss with
 respect to those outputs gives every example's δ at once (examples do not interact: BatchNorm in eval mode), and
-one batched product per layer gives Σ_b g_b², without a per-example backward pass:
+:class:`LayerSquares` turns them into Σ_b g_b² without a per-example backward pass — for layers with few
+positions by one matmul per layer whatever the number of passes (the expanded square; (Σ δ²)ᵀ a² for a dense
+layer), else per example by one batched matmul, or by a sum of outer products over positions for grouped and
+depthwise convolutions.
 
-- Linear, (B, d) input:       Σ_b g_b² = (δ²)ᵀ (a²)                          (one matmul)
-- Linear, (B, T, d) input:    g_b = δ_bᵀ a_b per example, squared, summed     (einsum over tokens)
-- Conv2d (any groups):        g_b = δ_b U_bᵀ with U = unfold(a), per group   (einsum over pixels)
-
-The diagonal true Fisher E_x Σ_c p_c (∂ log p_c/∂W)² then takes one backward pass per class (``exact``: the
-square-root-probability trick, loss_c = Σ_b √p_bc log p_bc with p detached, whose per-example gradient squared
-is p_bc (∇ log p_bc)²), per kept class (``topk``) or per drawn label (``sampled``) — the same estimators as
+The diagonal true Fisher E_x Σ_c p_c (∂ log p_c/∂W)² then takes C − 1 backward passes for C classes
+(``exact``: a rank-(C − 1) factorisation of diag p − p pᵀ, :func:`output_vectors`), one per kept class
+(``topk``) or per drawn label (``sampled``) — the same estimators as
 :func:`clcompose.strategies.core.fisher.fisher_sum`, which computes them with ``torch.func.vmap`` per example and
 stays the reference implementation in the tests.
 """
@@ -46,48 +45,150 @@ def _conv_input(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return static(a) if static is not None else a
 
 
-def _sum_of_squares(d: torch.Tensor, u: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Σ_b (Σ_l d_bl u_blᵀ)², elementwise, for output gradients d (B, O, L) and inputs u (B, I, L) over L positions.
+def _pair_products(x: torch.Tensor, weighted: bool) -> torch.Tensor:
+    """(L, ...) → (P, ...): x_l ⊙ x_m over the P = L(L+1)/2 position pairs l ≤ m, times their weight in a sum over
+    all (l, m) — 1 on the diagonal, 2 off it — when ``weighted`` (one of the expanded square's two factors)."""
+    parts = []
+    for first in range(x.shape[0]):
+        part = x[first] * x[first:]
+        if weighted:
+            part[1:] *= 2
+        parts.append(part)
+    return torch.cat(parts)
 
-    Two exact routes, whichever moves less memory: per-example gradients g_b = d_b u_bᵀ (B·O·I numbers, in chunks),
-    or, when positions are few, the expanded square Σ_b Σ_{l,m} (d_bl ⊙ d_bm)(u_bl ⊙ u_bm)ᵀ as one matmul over
-    B·L² rows, which never forms a per-example gradient (L = 1 is the plain (δ²)ᵀ(a²) of a dense layer).
+
+EXPANDED_MAX_NUMBERS = 1 << 25
+"""The most numbers (about 128 MB in float32) the expanded square may hold per layer; beyond, per-example."""
+
+GROUPED_LOOP_MAX_POSITIONS = 4
+"""Grouped convolutions with more output positions form per-example gradients with the convolution's own
+weight-gradient kernel (one group per example and group) rather than a loop over positions, whose unfolded input
+costs more to lay out than it saves beyond 4 positions (measured on EfficientNet-Lite0's depthwise layers, 1–9
+passes)."""
+
+
+class LayerSquares:
+    """Σ_j Σ_b g_bj², elementwise, of one Linear/Conv2d weight over the examples b of a batch and the backward
+    passes j of a Fisher estimate, from the layer's input ``a`` (given once) and one output gradient per pass
+    (:meth:`add`); :meth:`total` has the weight's shape.
+
+    Per group of the layer, g_bj = Σ_l d_bjl u_blᵀ over L positions (tokens of a Linear on (B, T, d) inputs,
+    output pixels of a convolution with u = unfold(input), none for a plain (B, d) input). Two exact routes, by
+    arithmetic cost for the announced number of ``passes``:
+
+    - expanded square: Σ_j Σ_b g_bj² = Σ_b Σ_{l≤m} w_lm (Σ_j d_bjl ⊙ d_bjm)(u_bl ⊙ u_bm)ᵀ (w: 1 on the diagonal,
+      2 off it). The sum over passes folds into the output factor, so a pass costs one elementwise product and the
+      layer one matmul for all of them; L = 1 is the dense layer's (Σ_j δ_j²)ᵀ a².
+    - per-example: g_bj formed in chunks of ``chunk`` examples, squared and summed — by one batched matmul per
+      chunk for ungrouped layers, by a sum of L outer products (elementwise for depthwise layers) for grouped ones with few positions, by the
+      convolution's weight-gradient kernel with one group per example and group beyond.
+
+    ``route`` forces one (``"expanded"`` or ``"per-example"``); by default the cheaper one whose expanded factors
+    fit in :data:`EXPANDED_MAX_NUMBERS`.
     """
-    b, o, positions = d.shape
-    i = u.shape[1]
-    if positions * positions * (o + i) <= o * i:
-        dd = (d.unsqueeze(3) * d.unsqueeze(2)).permute(1, 0, 2, 3).reshape(o, -1)
-        uu = (u.unsqueeze(3) * u.unsqueeze(2)).permute(1, 0, 2, 3).reshape(i, -1)
-        return dd @ uu.T
-    total = d.new_zeros(o, i)
-    for s in range(0, b, chunk):
-        total += torch.bmm(d[s : s + chunk], u[s : s + chunk].transpose(1, 2)).pow(2).sum(0)
-    return total
 
+    def __init__(self, module: nn.Module, a: torch.Tensor, passes: int, chunk: int = 64, route: str | None = None):
+        self.module, self.chunk, self.shape = module, chunk, module.weight.shape
+        batch = a.shape[0]
+        if isinstance(module, nn.Linear):  # one group; positions: the tokens of a (B, T, d) input, none of (B, d)
+            unfolded = a.unsqueeze(-1) if a.dim() == 2 else a.flatten(1, -2).transpose(1, 2)
+            self.groups, out_per_group, in_per_group = 1, module.out_features, module.in_features
+            positions = unfolded.shape[-1]
+        else:
+            padded = _conv_input(module, a)
+            self.groups = module.groups
+            out_per_group, in_per_group = module.out_channels // module.groups, self.shape[1:].numel()
+            sizes = [
+                (n + 2 * pad - dil * (k - 1) - 1) // stride + 1
+                for n, pad, dil, k, stride in zip(
+                    padded.shape[2:], module.padding, module.dilation, module.kernel_size, module.stride
+                )
+            ]
+            positions = sizes[0] * sizes[1]
+        groups = self.groups
+        pairs = positions * (positions + 1) // 2
+        expanded_cost = batch * groups * pairs * (passes * out_per_group + in_per_group + out_per_group * in_per_group)
+        per_example_cost = passes * batch * groups * out_per_group * in_per_group * (positions + 1)
+        expanded_numbers = batch * groups * pairs * (out_per_group + in_per_group)
+        self.expanded = expanded_cost <= per_example_cost and expanded_numbers <= EXPANDED_MAX_NUMBERS
+        if route is not None:  # "expanded" or "per-example" (tests)
+            self.expanded = route == "expanded"
+        self.out_per_group, self.in_per_group, self.positions = out_per_group, in_per_group, positions
+        # per-example routes: a batched matmul for ungrouped layers, u (B, I, L); for grouped ones with few positions
+        # a sum of outer products, u positions first (L, B, G, I); with many, the convolution's weight-gradient kernel
+        self.batched_matmul = groups == 1 and not self.expanded
+        self.weight_gradient = groups > 1 and not self.expanded and positions > GROUPED_LOOP_MAX_POSITIONS
+        self.input = padded if self.weight_gradient else None
+        if not self.weight_gradient:
+            if not isinstance(module, nn.Linear):
+                unfolded = F.unfold(
+                    padded, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+                )
+            if unfolded.shape[-1] != positions:
+                raise UnsupportedLayer(f"{type(module).__name__}: unfolded input does not match its output")
+            u = unfolded.reshape(batch, groups, in_per_group, positions)
+        if self.batched_matmul:
+            self.u = u[:, 0]
+        elif not self.weight_gradient:
+            self.u = u.permute(3, 0, 1, 2).contiguous()
+        self.folded: torch.Tensor | None = None  # expanded: Σ_j weighted pair products of d_j, (P, B, G, O)
+        dtype = torch.promote_types(a.dtype, torch.float32)  # low-precision activations sum in float32
+        self.sums = a.new_zeros(groups, out_per_group, in_per_group, dtype=dtype)
 
-def _squared_grads(module: nn.Module, a: torch.Tensor, delta: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Σ_b g_b² of the weight of ``module`` from its inputs ``a`` and output gradients ``delta`` (one batch)."""
-    if isinstance(module, nn.Linear):
-        if a.dim() == 2:
-            return delta.pow(2).T @ a.pow(2)
-        a, delta = a.flatten(1, -2), delta.flatten(1, -2)  # (B, T, ·): tokens are the positions
-        return _sum_of_squares(delta.transpose(1, 2), a.transpose(1, 2), chunk)
-    a = _conv_input(module, a)
-    groups, weight = module.groups, module.weight
-    out_ch, in_per_group, kh, kw = weight.shape
-    u = F.unfold(a, (kh, kw), dilation=module.dilation, padding=module.padding, stride=module.stride)
-    b, _, positions = u.shape
-    d = delta.reshape(b, out_ch, -1)
-    if d.shape[-1] != positions:
-        raise UnsupportedLayer(f"{type(module).__name__}: unfolded input does not match its output")
-    if groups == 1:
-        return _sum_of_squares(d, u, chunk).reshape(weight.shape)
-    d = d.reshape(b, groups, out_ch // groups, positions)
-    u = u.reshape(b, groups, in_per_group * kh * kw, positions)
-    total = a.new_zeros(groups, out_ch // groups, in_per_group * kh * kw)
-    for s in range(0, b, chunk):
-        total += torch.einsum("bgol,bgil->bgoi", d[s : s + chunk], u[s : s + chunk]).pow(2).sum(0)
-    return total.reshape(weight.shape)
+    def add(self, delta: torch.Tensor) -> None:
+        """One backward pass: the gradient of the pass's loss with respect to the layer's output."""
+        batch, groups, out = delta.shape[0], self.groups, self.out_per_group
+        if isinstance(self.module, nn.Linear):
+            delta = delta.unsqueeze(-1) if delta.dim() == 2 else delta.flatten(1, -2).transpose(1, 2)
+        d = delta.reshape(batch, groups, out, self.positions)
+        if self.batched_matmul:
+            for s in range(0, batch, self.chunk):
+                g = torch.bmm(d[s : s + self.chunk, 0], self.u[s : s + self.chunk].transpose(1, 2))
+                self.sums[0] += g.pow(2).sum(0)
+            return
+        d = d.permute(3, 0, 1, 2).contiguous()  # (L, B, G, O)
+        if self.expanded:
+            products = _pair_products(d, weighted=True)
+            self.folded = products if self.folded is None else self.folded.add_(products)
+            return
+        if self.weight_gradient:
+            self._add_weight_gradients(delta)
+            return
+        for s in range(0, batch, self.chunk):  # grouped: g_b = Σ_l d_bl u_blᵀ per group
+            u, dc = self.u[:, s : s + self.chunk], d[:, s : s + self.chunk]
+            g = dc[0].unsqueeze(-1) * u[0].unsqueeze(-2)
+            for position in range(1, self.positions):
+                g.addcmul_(dc[position].unsqueeze(-1), u[position].unsqueeze(-2))
+            self.sums += g.pow(2).sum(0)
+
+    def _add_weight_gradients(self, delta: torch.Tensor) -> None:
+        m = self.module
+        for s in range(0, delta.shape[0], self.chunk):
+            a, d = self.input[s : s + self.chunk], delta[s : s + self.chunk]
+            n = a.shape[0]
+            g = torch.nn.grad.conv2d_weight(
+                a.reshape(1, n * a.shape[1], *a.shape[2:]),
+                (n * m.out_channels, *self.shape[1:]),
+                d.reshape(1, n * d.shape[1], *d.shape[2:]),
+                stride=m.stride,
+                padding=m.padding,
+                dilation=m.dilation,
+                groups=n * m.groups,
+            )
+            self.sums += g.reshape(n, self.groups, self.out_per_group, self.in_per_group).pow(2).sum(0)
+
+    def total(self) -> torch.Tensor:
+        """Σ_j Σ_b g_bj² in the weight's shape."""
+        if self.expanded and self.folded is not None:
+            uu = _pair_products(self.u, weighted=False).flatten(0, 1)  # (P·B, G, I)
+            dd = self.folded.flatten(0, 1)  # (P·B, G, O)
+            if self.groups == 1:
+                self.sums[0] += dd[:, 0].T @ uu[:, 0]
+            elif self.out_per_group == 1:  # depthwise
+                self.sums[:, 0] += torch.einsum("ng,ngi->gi", dd[:, :, 0], uu)
+            else:
+                self.sums += torch.bmm(dd.permute(1, 2, 0), uu.permute(1, 0, 2))
+        return self.sums.reshape(self.shape)
 
 
 class LayerCapture:
@@ -138,13 +239,15 @@ def accumulate_fisher(
     log-probabilities ``logp`` (B, C) of a forward whose layer captures are ``captured``; frees its graph."""
     names = list(modules)
     with torch.enable_grad():
-        p = logp.detach().exp()
-        losses = _losses(logp, p, mode, k, samples, generator)
+        vectors = output_vectors(logp.detach(), mode, k, samples, generator)
+        squares = {n: LayerSquares(modules[n], captured[n][0], len(vectors), chunk) for n in names}
         outputs = [captured[n][1] for n in names]
-        for j, loss in enumerate(losses):
-            deltas = torch.autograd.grad(loss, outputs, retain_graph=j < len(losses) - 1)
+        for j, v in enumerate(vectors):
+            deltas = torch.autograd.grad(logp, outputs, grad_outputs=v, retain_graph=j < len(vectors) - 1)
             for n, delta in zip(names, deltas):
-                total[n] += _squared_grads(modules[n], captured[n][0], delta.detach(), chunk)
+                squares[n].add(delta.detach())
+        for n in names:
+            total[n] += squares[n].total()
 
 
 def zero_fisher(modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -216,17 +319,36 @@ class RetainedFisherPass:
         return total, count
 
 
-def _losses(logp: torch.Tensor, p: torch.Tensor, mode: str, k: int, samples: int, generator) -> list[torch.Tensor]:
-    """One batch loss per backward pass; each example's gradient in loss j is w_bj ∇ log p(y_bj | x_b) with w_bj²
-    its estimator weight (p for exact and top-k, 1/samples for sampled labels)."""
-    rows = torch.arange(logp.shape[0], device=logp.device)
+def output_vectors(
+    logp: torch.Tensor, mode: str, k: int = 3, samples: int = 1, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """The vectors v_j (B, C) on the log-probabilities, one per backward pass, whose per-example gradients
+    g_bj = J_bᵀ v_bj satisfy Σ_j g_bj² = the estimator's Σ_c w_bc (∇ log p_bc)² (J_b: Jacobian of log p_b).
+
+    - ``exact``: with z the logits, ∇ log p_c = J_zᵀ (e_c − p), so Σ_c p_c (∇ log p_c)² is the diagonal of
+      J_zᵀ (diag p − p pᵀ) J_z. That matrix has rank C − 1 (its null vector is 1), so C − 1 vectors
+      v_j = √λ_j q_j of its eigendecomposition (λ, q per example, the zero eigenvalue dropped) give it exactly: one
+      backward pass fewer than one per class. As 1ᵀ v_j = 0, the log-softmax passes v_j to the logits unchanged.
+    - ``topk``: √p_bc on the k most probable classes c; ``sampled``: 1/√samples on each drawn label.
+    """
+    p = logp.exp()
+    batch, classes = p.shape
+    rows = torch.arange(batch, device=p.device)
     if mode == "exact":
-        return [(p[:, c].sqrt() * logp[:, c]).sum() for c in range(logp.shape[1])]
+        p64 = p.double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.diag_embed(p64) - p64.unsqueeze(2) * p64.unsqueeze(1))
+        scaled = eigenvectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(1)  # column j: √λ_j q_j
+        return [scaled[:, :, j].to(p.dtype) for j in range(1, classes)]  # eigh sorts ascending: drop λ_0 = 0
+
+    def one_hot(columns: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        v = torch.zeros_like(p)
+        v[rows, columns] = weights
+        return v
+
     if mode == "topk":
-        top_p, top_i = p.topk(min(k, p.shape[1]), dim=1)
-        return [(top_p[:, j].sqrt() * logp[rows, top_i[:, j]]).sum() for j in range(top_i.shape[1])]
+        top_p, top_i = p.topk(min(k, classes), dim=1)
+        return [one_hot(top_i[:, j], top_p[:, j].sqrt()) for j in range(top_i.shape[1])]
     if mode == "sampled":
-        labels = torch.multinomial(p.cpu(), samples, replacement=True, generator=generator).to(logp.device)
-        weight = (1.0 / samples) ** 0.5
-        return [weight * logp[rows, labels[:, j]].sum() for j in range(samples)]
+        labels = torch.multinomial(p.cpu(), samples, replacement=True, generator=generator).to(p.device)
+        return [one_hot(labels[:, j], torch.full((batch,), samples**-0.5, device=p.device)) for j in range(samples)]
     raise ValueError(f"unknown Fisher mode {mode!r}; valid: exact, topk, sampled")
