@@ -146,13 +146,13 @@ class LayerSquares:
                 g = torch.bmm(d[s : s + self.chunk, 0], self.u[s : s + self.chunk].transpose(1, 2))
                 self.sums[0] += g.pow(2).sum(0)
             return
+        if self.weight_gradient:
+            self._add_weight_gradients(delta)
+            return
         d = d.permute(3, 0, 1, 2).contiguous()  # (L, B, G, O)
         if self.expanded:
             products = _pair_products(d, weighted=True)
             self.folded = products if self.folded is None else self.folded.add_(products)
-            return
-        if self.weight_gradient:
-            self._add_weight_gradients(delta)
             return
         for s in range(0, batch, self.chunk):  # grouped: g_b = Σ_l d_bl u_blᵀ per group
             u, dc = self.u[:, s : s + self.chunk], d[:, s : s + self.chunk]
