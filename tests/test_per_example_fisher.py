@@ -14,7 +14,7 @@ def _targets(model: nn.Module) -> dict[str, nn.Module]:
     return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
-def _compare(model: nn.Module, x: torch.Tensor, mode: str, rtol: float = 1e-5):
+def _compare(model: nn.Module, x: torch.Tensor, mode: str, rtol: float = 1e-5, root: nn.Module | None = None):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -26,7 +26,7 @@ def _compare(model: nn.Module, x: torch.Tensor, mode: str, rtol: float = 1e-5):
 
     ref, n_ref = fisher_sum(one, params, [x], mode=mode, k=2, chunk=7)
     fast, n_fast = layer_fisher_sum(
-        lambda xb: F.log_softmax(model(xb), dim=-1), modules, [x[:5], x[5:]], mode=mode, k=2, chunk=3
+        lambda xb: F.log_softmax(model(xb), dim=-1), modules, [x[:5], x[5:]], mode=mode, k=2, chunk=3, root=root
     )
     assert n_ref == n_fast == len(x)
     for n in params:
@@ -73,6 +73,46 @@ def test_efficientnet_lite0_static_same_padding_convs():
     model = nn.Sequential(backbone, nn.Linear(1280, 6))
     assert all(supported(m) for m in _targets(model).values())
     _compare(model, torch.rand(6, 1, 28, 28), "exact", rtol=1e-4)
+    _compare(model, torch.rand(6, 1, 28, 28), "exact", rtol=1e-4, root=model)  # BatchNorm as affine maps
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eval_batchnorms_run_as_their_affine_map_in_the_captured_forward(channels_last):
+    """With ``root``, eval-mode BatchNorm layers compute x·γ/√(σ²+ε) + β − μγ/√(σ²+ε) during the Fisher's
+    forward: the same outputs as batch_norm (to rounding) and the same Fisher as the vmap reference; the layers
+    are themselves again afterwards (the hooks are removed), and training-mode BatchNorm is left alone."""
+    from clcompose.strategies.core.per_example import LayerCapture
+
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Conv2d(3, 5, 3),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(5 * 4 * 4, 6),
+        nn.BatchNorm1d(6),
+        nn.Tanh(),
+        nn.Linear(6, 4),
+    )
+    for bn in (model[1], model[5]):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_()
+    model.eval()
+    x = torch.randn(8, 3, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _compare(model, x, "exact", root=model)
+    capture = LayerCapture(_targets(model), root=model)
+    out, _ = capture.forward(model, x)
+    assert torch.allclose(out, model(x), rtol=1e-5, atol=1e-6)
+    assert out.grad_fn is not None and not model[1]._forward_hooks and not model[5]._forward_hooks
+    for bn in (model[1], model[5]):  # batch statistics: not an affine map of running ones, so not replaced
+        bn.momentum = 0.0  # (running statistics left as they are by each forward)
+        bn.train()
+    out, _ = capture.forward(model, x)
+    assert torch.equal(out.detach(), model(x).detach())
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # the vmap reference on attention
@@ -131,14 +171,16 @@ def test_unsupported_layers_are_refused():
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("size", [1, 2, 5, 9])
 @pytest.mark.parametrize("passes", [1, 4])
-def test_every_route_of_the_layer_squares_agrees_with_explicit_per_example_gradients(groups, size, passes):
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_every_route_of_the_layer_squares_agrees_with_explicit_per_example_gradients(groups, size, passes, dilation):
     """Expanded square, per-example routes (batched matmul; grouped: a loop over positions up to 4, the
-    convolution's weight-gradient kernel beyond: 9 and 81 positions at sizes 5 and 9) and the automatic choice, against
-    per-example autograd gradients over several passes."""
+    convolution's weight-gradient kernel beyond: 9 and 81 positions at sizes 5 and 9; size 1: one output position,
+    whose receptive field is sliced rather than unfolded) and the automatic choice, against per-example autograd
+    gradients over several passes."""
     from clcompose.strategies.core import per_example
 
     torch.manual_seed(size * 10 + groups)
-    conv = nn.Conv2d(6, 9, 3, padding=1, stride=2 if size == 5 else 1, groups=groups).double()
+    conv = nn.Conv2d(6, 9, 3, padding=dilation, dilation=dilation, stride=2 if size == 5 else 1, groups=groups).double()
     x = torch.randn(4, 6, size, size, dtype=torch.float64)
     deltas = [torch.randn_like(conv(x)) for _ in range(passes)]
     explicit = torch.zeros_like(conv.weight)

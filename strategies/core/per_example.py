@@ -120,7 +120,12 @@ class LayerSquares:
         self.weight_gradient = groups > 1 and not self.expanded and positions > GROUPED_LOOP_MAX_POSITIONS
         self.input = padded if self.weight_gradient else None
         if not self.weight_gradient:
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, nn.Linear) and positions == 1:  # the receptive field is one window: slice it
+                pad = [p for p in reversed(module.padding) for _ in (0, 1)]
+                window = F.pad(padded, pad) if any(pad) else padded
+                (kh, kw), (dh, dw) = module.kernel_size, module.dilation
+                unfolded = window[:, :, : dh * (kh - 1) + 1 : dh, : dw * (kw - 1) + 1 : dw].reshape(batch, -1, 1)
+            elif not isinstance(module, nn.Linear):
                 unfolded = F.unfold(
                     padded, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
                 )
@@ -191,15 +196,44 @@ class LayerSquares:
         return self.sums.reshape(self.shape)
 
 
+def _affine_batchnorm(module: nn.modules.batchnorm._BatchNorm, args, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: an eval-mode BatchNorm's output as its affine map x·s + t, s = γ/√(σ² + ε), t = β − μ s. The
+    same function (to rounding, about 1e-6 relative), whose input gradient costs one multiply instead of
+    ``native_batch_norm_backward`` (2–3× cheaper per Fisher pass, measured on EfficientNet-Lite0's layers)."""
+    x = args[0]
+    scale = torch.rsqrt(module.running_var + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight
+    shift = -module.running_mean * scale
+    if module.bias is not None:
+        shift = shift + module.bias
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(view), x, scale.view(view))
+
+
+def _frozen_batchnorms(root: nn.Module | None) -> list[nn.Module]:
+    """The BatchNorm layers of ``root`` that normalise with their running statistics (eval mode)."""
+    if root is None:
+        return []
+    return [
+        m
+        for m in root.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.running_mean is not None
+    ]
+
+
 class LayerCapture:
     """Forward hooks on ``modules`` (name → Linear/Conv2d) that keep each layer's input (detached) and output
-    (with its graph) of a forward run through :meth:`forward`."""
+    (with its graph) of a forward run through :meth:`forward`. With ``root`` (the network the modules belong
+    to), its eval-mode BatchNorm layers run as their affine map during that forward (:func:`_affine_batchnorm`):
+    the Fisher's backward passes then skip BatchNorm's general backward."""
 
-    def __init__(self, modules: Mapping[str, nn.Module]):
+    def __init__(self, modules: Mapping[str, nn.Module], root: nn.Module | None = None):
         for name, module in modules.items():
             if not supported(module):
                 raise UnsupportedLayer(f"{name}: {type(module).__name__} is not a plain Linear/Conv2d layer")
         self.modules = dict(modules)
+        self.root = root
 
     def forward(
         self, fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor
@@ -215,6 +249,7 @@ class LayerCapture:
             return keep
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
+        handles += [m.register_forward_hook(_affine_batchnorm) for m in _frozen_batchnorms(self.root)]
         try:
             with torch.enable_grad():
                 out = fn(batch.detach().requires_grad_(True))
@@ -263,6 +298,7 @@ def layer_fisher_sum(
     samples: int = 1,
     chunk: int = 64,
     generator: torch.Generator | None = None,
+    root: nn.Module | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Σ over examples of Σ_c p_c (∇_W log p_c)² for the weight of every module in ``modules`` (name → module;
     names as the caller keys the result, e.g. ``"net.fc.weight"``), and the example count.
@@ -271,8 +307,10 @@ def layer_fisher_sum(
     modules; it must treat examples independently. ``mode``: ``exact`` (all classes), ``topk`` (the ``k`` most
     probable classes per example, weighted by p), ``sampled`` (``samples`` labels per example drawn from p with
     ``generator``, weight 1/samples). ``chunk`` bounds the examples whose per-example gradients are held at once.
+    ``root``: the network the modules belong to, whose eval-mode BatchNorm layers then run as affine maps
+    (:class:`LayerCapture`).
     """
-    capture = LayerCapture(modules)
+    capture = LayerCapture(modules, root)
     total, count = zero_fisher(capture.modules), 0
     for batch in inputs:
         logp, captured = capture.forward(log_prob, batch)
@@ -287,8 +325,8 @@ class RetainedFisherPass:
     same sums as :func:`layer_fisher_sum` with ``log_prob = head ∘ features`` over the same batches, without a
     second forward. Memory: the graph of every kept example (as one training batch of that size)."""
 
-    def __init__(self, modules: Mapping[str, nn.Module]):
-        self.capture = LayerCapture(modules)
+    def __init__(self, modules: Mapping[str, nn.Module], root: nn.Module | None = None):
+        self.capture = LayerCapture(modules, root)
         self.batches: list[tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
 
     def forward(self, features_fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:

@@ -288,6 +288,7 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
                     batches,
                     **opts.fisher_estimator(),
                     generator=gen,
+                    root=backbone,
                 )
             finally:
                 backbone.train(was_training)

@@ -65,14 +65,18 @@ class ClassGaussians:
     def sample(
         self, classes: Sequence[int], per_class: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
-        for c in classes:
+        dim = self.params[classes[0]][1].shape[1] if classes else 0
+        xs = torch.empty(len(classes) * per_class, dim)
+        for i, c in enumerate(classes):
             w, mu, var = self.params[c]
             comp = torch.multinomial(w, per_class, replacement=True, generator=generator)
-            noise = torch.randn(per_class, mu.shape[1], generator=generator)
-            xs.append(mu[comp] + noise * var[comp].sqrt())
-            ys.append(torch.full((per_class,), c, dtype=torch.long))
-        return torch.cat(xs), torch.cat(ys)
+            noise = torch.randn(per_class, dim, generator=generator)
+            std = var.sqrt()
+            if len(w) > 1:  # one component: mean and std broadcast over the rows, no gather
+                mu, std = mu[comp], std[comp]
+            rows = xs[i * per_class : (i + 1) * per_class]
+            torch.mul(noise, std, out=rows).add_(mu)  # μ + noise · σ, rounded as written (addcmul fuses)
+        return xs, torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)
 
     def state_dict(self) -> dict:
         return {

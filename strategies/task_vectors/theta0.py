@@ -48,7 +48,7 @@ def theta0_pass(
     :func:`theta0_fisher` (None without)."""
     pool = strategy.pool
     base = pool.base_weights()
-    retained = RetainedFisherPass(fisher_modules) if fisher_modules else None
+    retained = RetainedFisherPass(fisher_modules, root=pool.model) if fisher_modules else None
     feats, labels, inputs = [], [], []
     was_training = strategy.model.training
     strategy.model.eval()
