@@ -168,20 +168,28 @@ def test_unsupported_layers_are_refused():
         layer_fisher_sum(lambda x: x, {"odd.weight": Odd(2, 2, 3)}, [torch.zeros(1, 2, 4, 4)])
 
 
-@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("groups", [1, 3, 6])
 @pytest.mark.parametrize("size", [1, 2, 5, 9])
 @pytest.mark.parametrize("passes", [1, 4])
 @pytest.mark.parametrize("dilation", [1, 2])
-def test_every_route_of_the_layer_squares_agrees_with_explicit_per_example_gradients(groups, size, passes, dilation):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_route_of_the_layer_squares_agrees_with_explicit_per_example_gradients(
+    groups, size, passes, dilation, channels_last
+):
     """Expanded square, per-example routes (batched matmul; grouped: a loop over positions up to 4, the
     convolution's weight-gradient kernel beyond: 9 and 81 positions at sizes 5 and 9; size 1: one output position,
-    whose receptive field is sliced rather than unfolded) and the automatic choice, against per-example autograd
-    gradients over several passes."""
+    whose receptive field is sliced rather than unfolded; depthwise (groups 6) with 4 or 9 positions, no more than the
+    kernel's 9 taps: a sum over the positions' strided input windows) and the automatic choice, against per-example
+    autograd gradients over several passes."""
     from clcompose.strategies.core import per_example
 
     torch.manual_seed(size * 10 + groups)
-    conv = nn.Conv2d(6, 9, 3, padding=dilation, dilation=dilation, stride=2 if size == 5 else 1, groups=groups).double()
+    out = 6 if groups == 6 else 9
+    conv = nn.Conv2d(6, out, 3, padding=dilation, dilation=dilation, stride=2 if size == 5 else 1, groups=groups)
+    conv = conv.double()
     x = torch.randn(4, 6, size, size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     deltas = [torch.randn_like(conv(x)) for _ in range(passes)]
     explicit = torch.zeros_like(conv.weight)
     for b in range(4):
