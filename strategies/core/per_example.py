@@ -46,6 +46,12 @@ def _conv_input(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return static(a) if static is not None else a
 
 
+def _zero_padded(module: nn.Conv2d, padded: torch.Tensor) -> torch.Tensor:
+    """The input a convolution with ``module.padding`` sees (its zero padding applied; ``padded`` has the static one)."""
+    pad = [p for p in reversed(module.padding) for _ in (0, 1)]
+    return F.pad(padded, pad) if any(pad) else padded
+
+
 def _pair_products(x: torch.Tensor, weighted: bool) -> torch.Tensor:
     """(L, ...) → (P, ...): x_l ⊙ x_m over the P = L(L+1)/2 position pairs l ≤ m, times their weight in a sum over
     all (l, m) — 1 on the diagonal, 2 off it — when ``weighted`` (one of the expanded square's two factors)."""
@@ -124,8 +130,7 @@ class LayerSquares:
         self.out_per_group, self.in_per_group, self.positions = out_per_group, in_per_group, positions
         self.depthwise = depthwise and not self.expanded
         if self.depthwise:  # strided views of the padded input; nothing unfolded
-            pad = [p for p in reversed(module.padding) for _ in (0, 1)]
-            self.input = F.pad(padded, pad) if any(pad) else padded
+            self.input = _zero_padded(module, padded)
             self.sums = a.new_zeros(groups, 1, in_per_group, dtype=torch.promote_types(a.dtype, torch.float32))
             self.batched_matmul = self.weight_gradient = False
             self.folded = None
@@ -137,8 +142,7 @@ class LayerSquares:
         self.input = padded if self.weight_gradient else None
         if not self.weight_gradient:
             if not isinstance(module, nn.Linear) and positions == 1:  # the receptive field is one window: slice it
-                pad = [p for p in reversed(module.padding) for _ in (0, 1)]
-                window = F.pad(padded, pad) if any(pad) else padded
+                window = _zero_padded(module, padded)
                 (kh, kw), (dh, dw) = module.kernel_size, module.dilation
                 unfolded = window[:, :, : dh * (kh - 1) + 1 : dh, : dw * (kw - 1) + 1 : dw].reshape(batch, -1, 1)
             elif not isinstance(module, nn.Linear):
@@ -236,7 +240,7 @@ class LayerSquares:
 def _affine_batchnorm(module: nn.modules.batchnorm._BatchNorm, args, output: torch.Tensor) -> torch.Tensor:
     """Forward hook: an eval-mode BatchNorm's output as its affine map x·s + t, s = γ/√(σ² + ε), t = β − μ s. The
     same function (to rounding, about 1e-6 relative), whose input gradient costs one multiply instead of
-    ``native_batch_norm_backward`` (2–3× cheaper per Fisher pass, measured on EfficientNet-Lite0's layers)."""
+    ``native_batch_norm_backward`` (2–3× cheaper per layer, measured on EfficientNet-Lite0's)."""
     x = args[0]
     scale = torch.rsqrt(module.running_var + module.eps)
     if module.weight is not None:
