@@ -248,8 +248,8 @@ def _affine_batchnorm(module: nn.modules.batchnorm._BatchNorm, args, output: tor
     shift = -module.running_mean * scale
     if module.bias is not None:
         shift = shift + module.bias
-    view = (1, -1) + (1,) * (x.dim() - 2)
-    return torch.addcmul(shift.view(view), x, scale.view(view))
+    view = (1, -1) + (1,) * (x.dim() - 2)  # the output in the input's dtype, as batch_norm's
+    return torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view))
 
 
 def _frozen_batchnorms(root: nn.Module | None) -> list[nn.Module]:
