@@ -52,6 +52,12 @@ def _zero_padded(module: nn.Conv2d, padded: torch.Tensor) -> torch.Tensor:
     return F.pad(padded, pad) if any(pad) else padded
 
 
+def _receptive_field(x: torch.Tensor, module: nn.Conv2d, oh: int, ow: int) -> torch.Tensor:
+    """The kh × kw window of the (fully) padded input ``x`` that output position (oh, ow) sees, as a strided view."""
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    return x[:, :, oh * sh : oh * sh + dh * (kh - 1) + 1 : dh, ow * sw : ow * sw + dw * (kw - 1) + 1 : dw]
+
+
 def _pair_products(x: torch.Tensor, weighted: bool) -> torch.Tensor:
     """(L, ...) → (P, ...): x_l ⊙ x_m over the P = L(L+1)/2 position pairs l ≤ m, times their weight in a sum over
     all (l, m) — 1 on the diagonal, 2 off it — when ``weighted`` (one of the expanded square's two factors)."""
@@ -128,23 +134,18 @@ class LayerSquares:
         if route is not None:  # "expanded" or "per-example" (tests)
             self.expanded = route == "expanded"
         self.out_per_group, self.in_per_group, self.positions = out_per_group, in_per_group, positions
+        # per-example routes: a batched matmul for ungrouped layers, u (B, I, L); for depthwise ones strided windows
+        # of the padded input (nothing unfolded); for other grouped ones with few positions a sum of outer products,
+        # u positions first (L, B, G, I); with many, the convolution's weight-gradient kernel
         self.depthwise = depthwise and not self.expanded
-        if self.depthwise:  # strided views of the padded input; nothing unfolded
-            self.input = _zero_padded(module, padded)
-            self.sums = a.new_zeros(groups, 1, in_per_group, dtype=torch.promote_types(a.dtype, torch.float32))
-            self.batched_matmul = self.weight_gradient = False
-            self.folded = None
-            return
-        # per-example routes: a batched matmul for ungrouped layers, u (B, I, L); for grouped ones with few positions
-        # a sum of outer products, u positions first (L, B, G, I); with many, the convolution's weight-gradient kernel
         self.batched_matmul = groups == 1 and not self.expanded
-        self.weight_gradient = groups > 1 and not self.expanded and positions > GROUPED_LOOP_MAX_POSITIONS
-        self.input = padded if self.weight_gradient else None
-        if not self.weight_gradient:
+        self.weight_gradient = (
+            groups > 1 and not self.expanded and not self.depthwise and positions > GROUPED_LOOP_MAX_POSITIONS
+        )
+        self.input = _zero_padded(module, padded) if self.depthwise else padded if self.weight_gradient else None
+        if not (self.weight_gradient or self.depthwise):
             if not isinstance(module, nn.Linear) and positions == 1:  # the receptive field is one window: slice it
-                window = _zero_padded(module, padded)
-                (kh, kw), (dh, dw) = module.kernel_size, module.dilation
-                unfolded = window[:, :, : dh * (kh - 1) + 1 : dh, : dw * (kw - 1) + 1 : dw].reshape(batch, -1, 1)
+                unfolded = _receptive_field(_zero_padded(module, padded), module, 0, 0).reshape(batch, -1, 1)
             elif not isinstance(module, nn.Linear):
                 unfolded = F.unfold(
                     padded, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
@@ -154,7 +155,7 @@ class LayerSquares:
             u = unfolded.reshape(batch, groups, in_per_group, positions)
         if self.batched_matmul:
             self.u = u[:, 0]
-        elif not self.weight_gradient:
+        elif not (self.weight_gradient or self.depthwise):
             self.u = u.permute(3, 0, 1, 2).contiguous()
         self.folded: torch.Tensor | None = None  # expanded: Σ_j weighted pair products of d_j, (P, B, G, O)
         dtype = torch.promote_types(a.dtype, torch.float32)  # low-precision activations sum in float32
@@ -192,17 +193,13 @@ class LayerSquares:
     def _add_depthwise(self, delta: torch.Tensor) -> None:
         """Depthwise, no more output positions than kernel taps: g_b[c] = Σ_(oh, ow) δ_b[c, oh, ow] W_b[c, oh, ow] over
         the kh × kw windows W of the padded input a that the output positions see (strided views of a)."""
-        m, a = self.module, self.input
-        (kh, kw), (dh, dw), (sh, sw) = m.kernel_size, m.dilation, m.stride
         ho, wo = delta.shape[2:]
         for s in range(0, delta.shape[0], self.chunk):
-            x, d = a[s : s + self.chunk], delta[s : s + self.chunk]
+            x, d = self.input[s : s + self.chunk], delta[s : s + self.chunk]
             g = None
             for oh in range(ho):
                 for ow in range(wo):
-                    window = x[
-                        :, :, oh * sh : oh * sh + dh * (kh - 1) + 1 : dh, ow * sw : ow * sw + dw * (kw - 1) + 1 : dw
-                    ]
+                    window = _receptive_field(x, self.module, oh, ow)
                     weight = d[:, :, oh : oh + 1, ow : ow + 1]
                     g = weight * window if g is None else g.addcmul_(weight, window)
             self.sums += g.pow(2).sum(0).reshape(self.sums.shape)

@@ -72,7 +72,7 @@ class ClassGaussians:
             comp = torch.multinomial(w, per_class, replacement=True, generator=generator)
             noise = torch.randn(per_class, dim, generator=generator)
             std = var.sqrt()
-            if len(w) > 1:  # one component: mean and std broadcast over the rows, no gather
+            if len(w) > 1:  # each row its component's mean and std (one component: broadcast, no gather)
                 mu, std = mu[comp], std[comp]
             rows = xs[i * per_class : (i + 1) * per_class]
             torch.mul(noise, std, out=rows).add_(mu)  # μ + noise · σ, rounded as written (addcmul fuses)
