@@ -203,6 +203,77 @@ def test_every_route_of_the_layer_squares_agrees_with_explicit_per_example_gradi
         assert torch.allclose(squares.total(), explicit, rtol=1e-12, atol=1e-12), route
 
 
+@pytest.mark.parametrize(
+    "size, kernel, stride, dilation, live",
+    [
+        (1, 5, 1, 1, (1, 1)),  # EfficientNet-Lite0's last stage at 32 px: the centre tap alone
+        (2, 5, 1, 1, (3, 3)),  # its 2 × 2 stage: 9 of 25 taps
+        (2, 4, 1, 1, (3, 3)),  # an even kernel: uneven padding, the live taps start at the kernel's edge
+        (1, 3, 2, 1, (1, 1)),  # strided
+        (2, 3, 1, 2, (1, 1)),  # dilated: the rows around the centre sit on padding
+        (4, 5, 1, 1, (5, 5)),  # every tap sees input: nothing cropped
+    ],
+)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_taps_that_see_only_padding_are_left_out_and_stay_exactly_zero(size, kernel, stride, dilation, live, groups):
+    """A static-'same' convolution (efficientnet's Conv2dStaticSamePadding) on an input smaller than its kernel:
+    the layer squares are formed on the taps that see input (a rectangle of the kernel), the other taps' Fisher is
+    exactly 0, and every route (expanded, per-example — batched matmul, depthwise windows, weight-gradient kernel —
+    and the automatic choice) equals explicit per-example autograd gradients over several passes."""
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    from clcompose.strategies.core import per_example
+
+    torch.manual_seed(size + kernel + groups)
+    conv = Conv2dStaticSamePadding(
+        4, 4, kernel, stride=stride, image_size=size, groups=groups, dilation=dilation, bias=False
+    ).double()
+    x = torch.randn(5, 4, size, size, dtype=torch.float64)
+    deltas = [torch.randn_like(conv(x)) for _ in range(3)]
+    explicit = torch.zeros_like(conv.weight)
+    for b in range(5):
+        for d in deltas:
+            (g,) = torch.autograd.grad(conv(x[b : b + 1]), conv.weight, d[b : b + 1])
+            explicit += g.pow(2)
+    taps = per_example._LiveTaps(conv, x, list(deltas[0].shape[2:]))
+    assert taps.kernel == live and taps.cropped == (live != (kernel, kernel))
+    i0, j0 = taps.start
+    dead = torch.ones_like(explicit, dtype=torch.bool)
+    dead[:, :, i0 : i0 + live[0], j0 : j0 + live[1]] = False
+    assert torch.equal(explicit[dead], torch.zeros_like(explicit[dead]))  # what autograd says of the dead taps
+    for route in ("expanded", "per-example", None):
+        squares = per_example.LayerSquares(conv, x, len(deltas), chunk=2, route=route)
+        for d in deltas:
+            squares.add(d)
+        total = squares.total()
+        assert torch.equal(total[dead], torch.zeros_like(total[dead])), route
+        assert torch.allclose(total, explicit, rtol=1e-12, atol=1e-12), route
+
+
+def test_static_paddings_keep_a_channels_last_input_channels_last_in_the_captured_forward():
+    """At one spatial position a tensor is in both layouts and ``F.pad`` returns it channels-first; during the
+    Fisher's forward (only) the static padding of a targeted convolution hands it on channels-last, the same values.
+    A channels-first input keeps its layout."""
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    from clcompose.strategies.core.per_example import LayerCapture, _padded_channels_last
+
+    torch.manual_seed(3)
+    conv = Conv2dStaticSamePadding(6, 6, 5, image_size=1, groups=6, bias=False)
+    pad = conv.static_padding
+    x = torch.randn(3, 6, 1, 1).contiguous(memory_format=torch.channels_last)
+    plain = pad(x)
+    assert not plain.is_contiguous(memory_format=torch.channels_last)  # what F.pad alone returns
+    kept = _padded_channels_last(pad, (x,), plain)
+    assert kept.is_contiguous(memory_format=torch.channels_last) and torch.equal(kept, plain)
+    wide = torch.randn(3, 6, 4, 4)  # channels-first, and unambiguously so
+    assert _padded_channels_last(pad, (wide,), pad(wide)) is None
+    hooks = []
+    out, _ = LayerCapture({"conv": conv}).forward(lambda b: hooks.append(len(pad._forward_hooks)) or conv(b), x)
+    assert hooks == [1] and not pad._forward_hooks  # on during the captured forward only
+    assert torch.equal(out, conv(x))
+
+
 def test_exact_output_vectors_factorise_diag_p_minus_ppT_in_one_pass_fewer_than_classes():
     from clcompose.strategies.core.per_example import output_vectors
 
