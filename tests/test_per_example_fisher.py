@@ -168,6 +168,16 @@ def test_unsupported_layers_are_refused():
         layer_fisher_sum(lambda x: x, {"odd.weight": Odd(2, 2, 3)}, [torch.zeros(1, 2, 4, 4)])
 
 
+def _explicit_squares(layer: nn.Module, x: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_b Σ_j g_bj² of ``layer.weight`` by explicit per-example autograd, one example and one pass at a time."""
+    explicit = torch.zeros_like(layer.weight)
+    for b in range(x.shape[0]):
+        for d in deltas:
+            (g,) = torch.autograd.grad(layer(x[b : b + 1]), layer.weight, d[b : b + 1])
+            explicit += g.pow(2)
+    return explicit
+
+
 @pytest.mark.parametrize("groups", [1, 3, 6])
 @pytest.mark.parametrize("size", [1, 2, 5, 9])
 @pytest.mark.parametrize("passes", [1, 4])
@@ -191,11 +201,7 @@ def test_every_route_of_the_layer_squares_agrees_with_explicit_per_example_gradi
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     deltas = [torch.randn_like(conv(x)) for _ in range(passes)]
-    explicit = torch.zeros_like(conv.weight)
-    for b in range(4):
-        for d in deltas:
-            (g,) = torch.autograd.grad(conv(x[b : b + 1]), conv.weight, d[b : b + 1])
-            explicit += g.pow(2)
+    explicit = _explicit_squares(conv, x, deltas)
     for route in ("expanded", "per-example", None):
         squares = per_example.LayerSquares(conv, x, passes, chunk=3, route=route)
         for d in deltas:
@@ -230,11 +236,7 @@ def test_taps_that_see_only_padding_are_left_out_and_stay_exactly_zero(size, ker
     ).double()
     x = torch.randn(5, 4, size, size, dtype=torch.float64)
     deltas = [torch.randn_like(conv(x)) for _ in range(3)]
-    explicit = torch.zeros_like(conv.weight)
-    for b in range(5):
-        for d in deltas:
-            (g,) = torch.autograd.grad(conv(x[b : b + 1]), conv.weight, d[b : b + 1])
-            explicit += g.pow(2)
+    explicit = _explicit_squares(conv, x, deltas)
     taps = per_example._LiveTaps(conv, x, list(deltas[0].shape[2:]))
     assert taps.kernel == live and taps.cropped == (live != (kernel, kernel))
     i0, j0 = taps.start
@@ -297,11 +299,7 @@ def test_both_routes_of_the_layer_squares_on_linear_layers_with_and_without_toke
     linear = nn.Linear(5, 4).double()
     x = torch.randn(3, 5, dtype=torch.float64) if tokens is None else torch.randn(3, tokens, 5, dtype=torch.float64)
     deltas = [torch.randn_like(linear(x)) for _ in range(3)]
-    explicit = torch.zeros_like(linear.weight)
-    for b in range(3):
-        for d in deltas:
-            (g,) = torch.autograd.grad(linear(x[b : b + 1]), linear.weight, d[b : b + 1])
-            explicit += g.pow(2)
+    explicit = _explicit_squares(linear, x, deltas)
     for route in ("expanded", "per-example"):
         squares = LayerSquares(linear, x, 3, chunk=2, route=route)
         for d in deltas:
