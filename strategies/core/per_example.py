@@ -305,8 +305,8 @@ def _padded_channels_last(module: nn.Module, args, output: torch.Tensor) -> torc
     channels-last layout when its input had it. At one spatial position an input is in both layouts at once and
     ``F.pad`` returns it channels-first, so the (depthwise) convolution after it, and its backward, ran the
     channels-first CPU kernels: 3–4× slower at 1 × 1 inputs (EfficientNet-Lite0's last stage at 32 px; the
-    Fisher's backward passes about 20 % faster with this hook, measured side by side). The values are the same; only their order in memory
-    differs."""
+    Fisher's backward passes about 20 % faster with this hook, measured side by side). The values are the same;
+    only their order in memory differs."""
     x = args[0]
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return output.contiguous(memory_format=torch.channels_last)
