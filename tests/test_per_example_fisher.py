@@ -191,7 +191,7 @@ def test_every_route_of_the_layer_squares_agrees_with_explicit_per_example_gradi
     whose receptive field is sliced rather than unfolded; depthwise (groups 6) with 4 or 9 positions, no more than the
     kernel's 9 taps: a sum over the positions' strided input windows) and the automatic choice, against per-example
     autograd gradients over several passes."""
-    from clcompose.strategies.core import per_example
+    from clcompose.strategies.core import layer_squares
 
     torch.manual_seed(size * 10 + groups)
     out = 6 if groups == 6 else 9
@@ -203,7 +203,7 @@ def test_every_route_of_the_layer_squares_agrees_with_explicit_per_example_gradi
     deltas = [torch.randn_like(conv(x)) for _ in range(passes)]
     explicit = _explicit_squares(conv, x, deltas)
     for route in ("expanded", "per-example", None):
-        squares = per_example.LayerSquares(conv, x, passes, chunk=3, route=route)
+        squares = layer_squares.LayerSquares(conv, x, passes, chunk=3, route=route)
         for d in deltas:
             squares.add(d)
         assert torch.allclose(squares.total(), explicit, rtol=1e-12, atol=1e-12), route
@@ -228,7 +228,7 @@ def test_taps_that_see_only_padding_are_left_out_and_stay_exactly_zero(size, ker
     and the automatic choice) equals explicit per-example autograd gradients over several passes."""
     from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
 
-    from clcompose.strategies.core import per_example
+    from clcompose.strategies.core import layer_squares
 
     torch.manual_seed(size + kernel + groups)
     conv = Conv2dStaticSamePadding(
@@ -237,14 +237,14 @@ def test_taps_that_see_only_padding_are_left_out_and_stay_exactly_zero(size, ker
     x = torch.randn(5, 4, size, size, dtype=torch.float64)
     deltas = [torch.randn_like(conv(x)) for _ in range(3)]
     explicit = _explicit_squares(conv, x, deltas)
-    taps = per_example._LiveTaps(conv, x, list(deltas[0].shape[2:]))
+    taps = layer_squares._LiveTaps(conv, x, list(deltas[0].shape[2:]))
     assert taps.kernel == live and taps.cropped == (live != (kernel, kernel))
     i0, j0 = taps.start
     dead = torch.ones_like(explicit, dtype=torch.bool)
     dead[:, :, i0 : i0 + live[0], j0 : j0 + live[1]] = False
     assert torch.equal(explicit[dead], torch.zeros_like(explicit[dead]))  # what autograd says of the dead taps
     for route in ("expanded", "per-example", None):
-        squares = per_example.LayerSquares(conv, x, len(deltas), chunk=2, route=route)
+        squares = layer_squares.LayerSquares(conv, x, len(deltas), chunk=2, route=route)
         for d in deltas:
             squares.add(d)
         total = squares.total()
