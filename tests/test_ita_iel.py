@@ -86,6 +86,8 @@ def test_runs_end_to_end_in_every_tuning_style(strategy, tuning, tmp_path):
     extras = rec["strategy_extras"]
     assert extras["method"] == strategy and len(extras["preparation"]) == 3
     assert all("fisher_s" in p for p in extras["preparation"])
+    # the strategy's phases after the preparation are timed apart too (the default proximal step, alignment on)
+    assert all(p["align_trained_s"] > 0 and p["regularizer_step_s"] > 0 for p in extras["preparation"])
     diag = extras["diagnostics"]
     assert [d["tasks"] for d in diag] == [1, 2, 3]
     assert len(diag[-1]["tau_norm"]) == 3 and len(diag[-1]["cosine"]) == 3 and diag[-1]["fisher_spread"] >= 0

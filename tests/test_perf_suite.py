@@ -33,6 +33,35 @@ def test_run_configs_follow_the_main_job_with_overrides():
     assert naive["strategy_options"] == {} and naive["train"] == job["train"]
 
 
+def test_experience_rows_split_the_training_time_into_the_strategy_phases_and_the_rest():
+    from clcompose.bench.perf.strategies import experience_rows
+
+    record = {
+        "timing": {"steps": [{"step": 0, "train_wall_s": 10.0, "eval_wall_s": 1.0}, {"step": 1, "train_wall_s": 4.0}]},
+        "strategy_extras": {
+            "preparation": [
+                {
+                    "experience": 0,
+                    "theta0_s": 0.5,
+                    "consolidation_s": 1.5,  # counted from the start of the preparation: θ0 pass included
+                    "fisher_s": 2.0,
+                    "prepare_s": 3.75,
+                    "align_trained_s": 0.75,
+                    "regularizer_step_s": 0.5,
+                }
+            ],
+            "diagnostics_seconds": [{"tasks": 1, "seconds": 0.25}],
+        },
+    }
+    first, second = experience_rows(record)
+    assert first["consolidation_s"] == 1.0 and first["theta0_s"] == 0.5 and first["fisher_s"] == 2.0
+    assert first["other_preparation_s"] == 3.75 - 1.5 - 2.0  # what the preparation did after the Fisher
+    assert first["rest_s"] == 10.0 - 3.75 - 0.75 - 0.5 and first["diagnostics_s"] == 0.25
+    # a strategy with no phases of its own (naive): all of the training time is the rest
+    assert second["rest_s"] == 4.0 and second["fisher_s"] == second["consolidation_s"] == 0.0
+    assert second["eval_wall_s"] == 0.0 and second["diagnostics_s"] == 0.0
+
+
 def _finite_numbers(obj):
     if isinstance(obj, dict):
         for v in obj.values():
@@ -62,6 +91,12 @@ def test_bench_perf_all_at_a_tiny_scale_writes_the_json_and_the_tables(tmp_path,
     assert summary["naive"]["relative_to_naive"] == 1 and summary["naive"]["fisher_per_experience_s"] == 0
     assert summary["ita"]["fisher_per_experience_s"] > 0 and summary["ita"]["theta0_per_experience_s"] > 0
     assert len(data["strategies"]["rows"]["ita"]) == 2  # one row per experience
+    for name, row in summary.items():  # the breakdown adds up to the training time (each part rounded to 1 ms)
+        parts = row["breakdown_per_experience_s"]
+        assert sum(parts.values()) == pytest.approx(row["train_wall_per_experience_s"], abs=4e-3), name
+    ita_parts = summary["ita"]["breakdown_per_experience_s"]
+    assert ita_parts["align_trained_s"] > 0 and ita_parts["regularizer_step_s"] > 0 and ita_parts["rest_s"] > 0
+    assert summary["naive"]["breakdown_per_experience_s"]["rest_s"] == summary["naive"]["train_wall_per_experience_s"]
     row = data["fisher"]["rows"][0]
     assert row["examples"] == 6 and math.isfinite(row["batched_vs_floor_exact"]) and row["batched_vs_floor_exact"] > 0
     sc = data["scaling"]
@@ -77,6 +112,7 @@ def test_bench_perf_all_at_a_tiny_scale_writes_the_json_and_the_tables(tmp_path,
     assert all(math.isfinite(v) for v in _finite_numbers(data))
     page = (out / "README.md").read_text()
     assert page == tables.markdown(data) and "| ita |" in page and "bench list" in page
+    assert "Where the training time per experience goes" in page and "post-training alignment" in page
     # a section run alone replaces only its own part of the file
     assert bench_main(["perf", "cli", "--out", str(out), "--cli-runs", "1", "--quiet"]) == 0
     again = json.loads((out / "perf.json").read_text())

@@ -5,7 +5,9 @@ backbone, epochs and optimiser settings of ``examples/default.yaml`` (each strat
 so that machine noise hits all of them alike. Per experience it reads from the run record: the training wall
 time (which includes each strategy's preparation: the θ0 pass, pre-consolidation and the Fisher), the Fisher's
 seconds, the θ0 pass's seconds, the evaluation time and the diagnostics' seconds (``strategy_extras``, when the
-strategy records them apart); and per run the peak resident memory (Linux: VmHWM, reset before each run through
+strategy records them apart), and the breakdown of the training time: θ0 pass, probe + class statistics +
+anchor alignment, Fisher, the rest of the preparation (head Fisher, regulariser set-up), the post-training alignment of the trained heads, the regulariser steps, and the rest
+(the training iterations and everything else), each to set against naive's whole training time; and per run the peak resident memory (Linux: VmHWM, reset before each run through
 /proc/self/clear_refs) or, on CUDA, the peak allocated memory. A measurement, never a test of speed.
 """
 
@@ -92,18 +94,37 @@ def experience_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for i, step in enumerate(record["timing"]["steps"]):
         p = prep.get(step["step"], {})
-        rows.append(
-            {
-                "experience": step["step"],
-                "train_wall_s": step["train_wall_s"],
-                "eval_wall_s": step.get("eval_wall_s", 0.0),
-                "theta0_s": p.get("theta0_s", 0.0),
-                "fisher_s": p.get("fisher_s", 0.0),
-                "prepare_s": p.get("prepare_s", 0.0),
-                "diagnostics_s": float(diagnostics.get(i + 1, 0.0)),
-            }
-        )
+        theta0 = p.get("theta0_s", 0.0)
+        row = {
+            "experience": step["step"],
+            "train_wall_s": step["train_wall_s"],
+            "eval_wall_s": step.get("eval_wall_s", 0.0),
+            "theta0_s": theta0,
+            "fisher_s": p.get("fisher_s", 0.0),
+            "prepare_s": p.get("prepare_s", 0.0),
+            # the record's consolidation_s counts from the start of the preparation, θ0 pass included
+            "consolidation_s": max(0.0, p.get("consolidation_s", theta0) - theta0),
+            "align_trained_s": p.get("align_trained_s", 0.0),
+            "regularizer_step_s": p.get("regularizer_step_s", 0.0),
+            "diagnostics_s": float(diagnostics.get(i + 1, 0.0)),
+        }
+        timed = p.get("consolidation_s", theta0) + row["fisher_s"]  # θ0 pass, consolidation and Fisher
+        row["other_preparation_s"] = round(max(0.0, row["prepare_s"] - timed), 4)  # head Fisher, regulariser set-up
+        apart = row["prepare_s"] + row["align_trained_s"] + row["regularizer_step_s"]
+        row["rest_s"] = round(row["train_wall_s"] - apart, 4)  # training iterations, data loading, the rest
+        rows.append(row)
     return rows
+
+
+BREAKDOWN = (
+    "theta0_s",
+    "consolidation_s",
+    "fisher_s",
+    "other_preparation_s",
+    "align_trained_s",
+    "regularizer_step_s",
+    "rest_s",
+)
 
 
 def measure(
@@ -153,6 +174,7 @@ def measure(
             "fisher_share": round(mean["fisher_s"] / mean["train_wall_s"], 3),
             "eval_wall_per_experience_s": round(mean["eval_wall_s"], 3),
             "diagnostics_per_experience_s": round(diagnostics, 3),
+            "breakdown_per_experience_s": {k: round(statistics.mean(x[k] for x in xs), 3) for k in BREAKDOWN},
             "peak_memory_mb": max((x["peak_memory_mb"] or 0.0) for x in runs[name]) or None,
             "final_average_accuracy": round(statistics.mean(x["final_average_accuracy"] for x in runs[name]), 4),
         }

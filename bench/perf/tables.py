@@ -25,6 +25,39 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     ]
 
 
+BREAKDOWN_COLUMNS = (
+    ("θ0 pass", "theta0_s"),
+    ("probe + statistics + anchor alignment", "consolidation_s"),
+    ("Fisher", "fisher_s"),
+    ("other preparation (head Fisher, …)", "other_preparation_s"),
+    ("post-training alignment", "align_trained_s"),
+    ("regulariser steps", "regularizer_step_s"),
+    ("rest (training iterations, …)", "rest_s"),
+)
+
+
+def _breakdown(summary: dict[str, Any], first: str) -> list[str]:
+    """Where each strategy's training time per experience goes, against ``first``'s (naive's) whole time."""
+    with_parts = {k: v for k, v in summary.items() if v.get("breakdown_per_experience_s")}
+    if not with_parts or first not in summary:
+        return []
+    base = summary[first]["train_wall_per_experience_s"]
+    lines = [
+        f"Where the training time per experience goes (seconds; in brackets, × {first}'s whole training time of "
+        f"{_fmt(base)} s). The rest is the training iterations and whatever else the step does (task arithmetic's "
+        "λ selection on held-out data, for one); over it, each strategy's own phases are added work.",
+        "",
+    ]
+    rows = []
+    for name, v in with_parts.items():
+        parts = v["breakdown_per_experience_s"]
+        rows.append(
+            [name, v["train_wall_per_experience_s"]]
+            + [f"{_fmt(parts[key])} ({_fmt(parts[key] / base if base else None)})" for _, key in BREAKDOWN_COLUMNS]
+        )
+    return lines + _table(["strategy", "train s/exp"] + [h for h, _ in BREAKDOWN_COLUMNS], rows) + [""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """Tables of every section present in ``result``."""
     lines = ["# Performance of the suite", "", f"Measured by `{result.get('command', 'bench perf')}`.", ""]
@@ -64,6 +97,7 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         header = ["strategy", "train s/exp", f"× {first}", "θ0 pass s", "Fisher s", "Fisher share", "eval s/exp"]
         lines += _table(header + ["diagnostics s/exp", "peak MB", "final acc"], rows) + [""]
+        lines += _breakdown(s["summary"], first)
     f = result.get("fisher")
     if f:
         modes = [k[len("batched_vs_floor_") :] for k in f["rows"][0] if k.startswith("batched_vs_floor_")]

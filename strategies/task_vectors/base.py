@@ -212,6 +212,7 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
             )
         self._quad = self.regularizer_quadratic() if self._needs_fisher() else None
         self.optimizer_steps = 0
+        self.regularizer_step_s = 0.0  # seconds of the decoupled/proximal regulariser steps of this experience
         self._record_stability(t)
         timing["prepare_s"] = time.perf_counter() - t0
         self.prep_times.append(timing)
@@ -360,8 +361,13 @@ class TaskVectorStrategy(VirtualBatchEpoch, RegularizerSteps, SupervisedTemplate
         self.pool.freeze(t)
         for p in self.model.heads.heads[t].parameters():
             p.requires_grad_(False)
+        t0 = time.perf_counter()
         if self.options.align_trained_heads and self.stats.params:
             self._align_trained_heads()
+        timing = self.prep_times[-1] if self.prep_times and self.prep_times[-1]["experience"] == t else {}
+        timing["align_trained_s"] = time.perf_counter() - t0
+        if self.options.reg_step != "coupled":  # coupled: the regulariser is in the loss, not timed apart
+            timing["regularizer_step_s"] = self.regularizer_step_s
         self.model.invalidate()
         super()._after_training_exp(**kwargs)
 

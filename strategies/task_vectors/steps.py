@@ -21,6 +21,7 @@ exceeds 2 under ``decoupled`` a warning goes to the log and to ``strategy_extras
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
@@ -77,10 +78,13 @@ class RegularizerSteps:
         return self.optimizer.param_groups[0]["lr"] / self.train_config.lr
 
     def optimizer_step(self):
-        if self.options.reg_step == "decoupled":
-            self._explicit_regularizer_step()
-        elif self.options.reg_step == "proximal":
-            self._proximal_regularizer_step()
+        if self.options.reg_step in ("decoupled", "proximal"):
+            t = time.perf_counter()
+            if self.options.reg_step == "decoupled":
+                self._explicit_regularizer_step()
+            else:
+                self._proximal_regularizer_step()
+            self.regularizer_step_s += time.perf_counter() - t  # measured apart (the record's `preparation`)
         self.optimizer.step()
 
     @torch.no_grad()
