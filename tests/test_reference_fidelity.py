@@ -343,6 +343,47 @@ def test_classifier_alignment_is_the_reference_loop():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_alignment_on_the_stacked_heads_is_bit_identical_to_training_each_head_and_leaves_frozen_ones():
+    """align_classifier trains one stacked copy of the heads: bit for bit the loop that concatenates the heads
+    at every step and steps each head's own parameters (momentum SGD, cosine lr), and a parameter that does not
+    require grad keeps its exact values, as SGD skipping it would."""
+    feats, labels = toy_features(classes=(0, 1, 2, 3, 4, 5))
+    stats = ClassGaussians(1)
+    stats.fit(feats, labels)
+
+    def three_heads():
+        heads = two_heads()
+        heads.add_head([4, 5])
+        heads.heads[1].weight.requires_grad_(False)  # a frozen weight (its bias still trains)
+        return heads
+
+    epochs, lr = 3, 0.05
+    mine = three_heads()
+    align_classifier(mine, stats, epochs, lr, 64, 0.1, 32, torch.Generator().manual_seed(3), momentum=0.9)
+
+    ref = three_heads()
+    opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    g = torch.Generator().manual_seed(3)
+    for epoch in range(epochs):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        x, y = stats.sample(list(range(6)), 64, g)
+        order = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), 32):
+            idx = order[i : i + 32]
+            weight = torch.cat([h.weight for h in ref.heads])
+            bias = torch.cat([h.bias for h in ref.heads])
+            logits = F.linear(x[idx], weight, bias)
+            logits = logits / (0.1 * (logits.norm(dim=-1, keepdim=True) + 1e-7))
+            opt.zero_grad()
+            F.cross_entropy(logits, y[idx]).backward()
+            opt.step()
+    for a, b in zip(mine.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(mine.heads[1].weight, three_heads().heads[1].weight)
+    assert not torch.equal(mine.heads[1].bias, three_heads().heads[1].bias)
+
+
 def reference_em(x, mu, n_iter, eps=1e-6, delta=1e-3):
     """The reference's GaussianMixture.fit (diag) from given means, restated: π = 1/k, σ² = 1, then
     `while i <= n_iter and j >= delta` EM steps, with its density using rsqrt(var) as the precision."""

@@ -170,7 +170,8 @@ def align_classifier(
     classes = [c for c in seen if c in stats.params]
     if not classes or epochs <= 0:
         return
-    opt = torch.optim.SGD(list(heads.parameters()), lr=lr, momentum=momentum)
+    stacked = _StackedHeads(heads)
+    opt = torch.optim.SGD([stacked.weight, stacked.bias], lr=lr, momentum=momentum)
     for epoch in range(epochs):
         for g in opt.param_groups:
             g["lr"] = lr * _cosine_factor(epoch, epochs)
@@ -178,14 +179,42 @@ def align_classifier(
         targets = _positions(seen, y)
         order = torch.randperm(len(y), generator=generator)
         for idx in _batches(order, batch_size, drop_last):
-            # one matmul over the stacked heads; columns in `seen` order
-            weight = torch.cat([h.weight for h in heads.heads])
-            bias = torch.cat([h.bias for h in heads.heads])
-            logits = F.linear(x[idx], weight, bias)
+            logits = F.linear(x[idx], stacked.weight, stacked.bias)  # columns in `seen` order
             loss = F.cross_entropy(normalized_logits(logits, temperature), targets[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+    stacked.write_back()
+
+
+class _StackedHeads:
+    """Every head's weight and bias as one stacked leaf each, trained in place of the heads and written back.
+
+    F.linear of the stacks is the concatenated heads' logits and SGD is elementwise, so this is the same
+    arithmetic as training the heads one by one, bit for bit, without concatenating them and splitting their
+    gradients at every step (about a third of a step's time). A parameter that does not require grad has its
+    rows' gradient zeroed: its momentum stays 0 and it never moves, as SGD skipping it would leave it."""
+
+    def __init__(self, heads: ExperienceHeads):
+        self.params = [(h.weight, h.bias) for h in heads.heads]
+        self.weight, self.bias = (self._stack([pair[i] for pair in self.params]) for i in range(2))
+
+    @staticmethod
+    def _stack(params: list[torch.Tensor]) -> torch.Tensor:
+        leaf = torch.cat([p.detach() for p in params]).requires_grad_(True)
+        if not all(p.requires_grad for p in params):
+            mask = torch.cat([torch.full_like(p, float(p.requires_grad)) for p in params])
+            leaf.register_hook(lambda grad: grad * mask)
+        return leaf
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        row = 0
+        for weight, bias in self.params:
+            n = weight.shape[0]
+            weight.copy_(self.weight[row : row + n])
+            bias.copy_(self.bias[row : row + n])
+            row += n
 
 
 def anchor_heads(
