@@ -196,8 +196,9 @@ class _StackedHeads:
     rows' gradient zeroed: its momentum stays 0 and it never moves, as SGD skipping it would leave it."""
 
     def __init__(self, heads: ExperienceHeads):
-        self.params = [(h.weight, h.bias) for h in heads.heads]
-        self.weight, self.bias = (self._stack([pair[i] for pair in self.params]) for i in range(2))
+        self.heads = list(heads.heads)
+        self.weight = self._stack([h.weight for h in self.heads])
+        self.bias = self._stack([h.bias for h in self.heads])
 
     @staticmethod
     def _stack(params: list[torch.Tensor]) -> torch.Tensor:
@@ -210,10 +211,10 @@ class _StackedHeads:
     @torch.no_grad()
     def write_back(self) -> None:
         row = 0
-        for weight, bias in self.params:
-            n = weight.shape[0]
-            weight.copy_(self.weight[row : row + n])
-            bias.copy_(self.bias[row : row + n])
+        for h in self.heads:
+            n = h.out_features
+            h.weight.copy_(self.weight[row : row + n])
+            h.bias.copy_(self.bias[row : row + n])
             row += n
 
 
