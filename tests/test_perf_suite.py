@@ -1,4 +1,4 @@
-"""``bench perf strategies|fisher|scaling|cli|all`` at a tiny scale: the JSON's schema, finite ratios, the tables
+"""``bench perf strategies|compose|fisher|scaling|cli|all`` at a tiny scale: the JSON's schema, finite ratios, the tables
 (never a timing threshold)."""
 
 import json
@@ -60,6 +60,8 @@ def test_experience_rows_split_the_training_time_into_the_strategy_phases_and_th
     # a strategy with no phases of its own (naive): all of the training time is the rest
     assert second["rest_s"] == 4.0 and second["fisher_s"] == second["consolidation_s"] == 0.0
     assert second["eval_wall_s"] == 0.0 and second["diagnostics_s"] == 0.0
+    # the diagnostics run inside the evaluation: the evaluation proper is its wall time less theirs
+    assert first["evaluation_s"] == 1.0 - 0.25 and second["evaluation_s"] == 0.0
 
 
 def _finite_numbers(obj):
@@ -80,6 +82,8 @@ def test_bench_perf_all_at_a_tiny_scale_writes_the_json_and_the_tables(tmp_path,
     argv += ["--test-per-class", "3", "--n-experiences", "2", "--epochs", "1", "--fisher-examples", "6"]
     argv += ["--fisher-classes", "2", "--scaling-examples", "4,8", "--scaling-experiences", "2,4"]
     argv += ["--scaling-examples-per-experience", "8", "--cli-runs", "1", "--quiet"]
+    argv += ["--compose-styles", "lora,full", "--compose-tasks", "1,2", "--compose-rounds", "1"]
+    argv += ["--compose-eval-batch", "4"]
     assert bench_main(argv) == 0
     data = json.loads((out / "perf.json").read_text())
     assert data["schema"] == suite.SCHEMA and set(suite.BENCHMARKS) <= set(data)
@@ -106,6 +110,18 @@ def test_bench_perf_all_at_a_tiny_scale_writes_the_json_and_the_tables(tmp_path,
     for r in rows:  # eval_s is rounded to the millisecond
         n2 = r["experiences"] ** 2
         assert r["eval_per_entry_ms"] == pytest.approx(1000 * r["eval_s"] / n2, abs=0.5 / n2 + 1e-3)
+        assert r["total_s"] == pytest.approx(r["train_s"] + r["eval_s"] + r["diagnostics_s"], abs=2e-3)
+    for name, row in summary.items():  # evaluation proper + diagnostics = the eval wall time
+        total = row["evaluation_per_experience_s"] + row["diagnostics_per_experience_s"]
+        assert total == pytest.approx(row["eval_wall_per_experience_s"], abs=2e-3), name
+    compose = data["compose"]
+    assert [(r["style"], r["tasks"]) for r in compose["rows"]] == [("lora", 1), ("lora", 2), ("full", 1), ("full", 2)]
+    for r in compose["rows"]:
+        assert r["max_abs_logit_diff"] == 0.0, r  # the composed network is the plain network with those weights
+        for key in ("eval_composed_s", "eval_plain_s", "materialise_s", "train_composed_s", "train_plain_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r, key)
+    lora, full = compose["rows"][0], compose["rows"][2]
+    assert 0 < lora["trainable_per_task"] < full["trainable_per_task"]  # rank-4 factors against dense deltas
     assert list(sc["experiences"]["exponents"]) == ["5", "0"]
     assert all(math.isfinite(v) for e in sc["experiences"]["exponents"].values() for v in e.values())
     assert {r["command"] for r in data["cli"]["rows"]} >= {"bench list", "bench --help", "bench run --help"}
@@ -113,6 +129,7 @@ def test_bench_perf_all_at_a_tiny_scale_writes_the_json_and_the_tables(tmp_path,
     page = (out / "README.md").read_text()
     assert page == tables.markdown(data) and "| ita |" in page and "bench list" in page
     assert "Where the training time per experience goes" in page and "post-training alignment" in page
+    assert "## Composed forward against a plain forward" in page and "| lora | 2 |" in page
     # a section run alone replaces only its own part of the file
     assert bench_main(["perf", "cli", "--out", str(out), "--cli-runs", "1", "--quiet"]) == 0
     again = json.loads((out / "perf.json").read_text())
@@ -127,3 +144,26 @@ def test_bad_perf_arguments_are_one_line_errors(capsys):
     assert "--device must be cpu or cuda" in capsys.readouterr().err
     assert bench_main(["perf", "scaling", "--scaling-align-epochs-per-task", "5,all"]) == 2
     assert capsys.readouterr().err.startswith("bench: error: --scaling-align-epochs-per-task must be integers >= 0")
+    assert bench_main(["perf", "compose", "--compose-styles", "lora,dora"]) == 2
+    assert capsys.readouterr().err.startswith("bench: error: --compose-styles: unknown 'dora'; valid: lora, ia3, full")
+    assert bench_main(["perf", "compose", "--compose-tasks", "0,5"]) == 2
+    assert capsys.readouterr().err.startswith("bench: error: --compose-tasks must be integers >= 1")
+    assert bench_main(["perf", "compose", "--compose-rounds", "0"]) == 2
+    assert capsys.readouterr().err.startswith("bench: error: --compose-rounds must be >= 1")
+
+
+def test_the_compose_benchmark_composes_non_zero_task_vectors_and_trains_only_the_last():
+    import torch
+
+    from clcompose.bench.perf import command, compose
+
+    assert command.COMPOSE_STYLES == compose.STYLES  # the command line's copy (kept light for --help)
+    job = main_job()
+    net, plain = compose._network(job["backbone"], job["backbone_options"], "lora", 3)
+    assert net.pool.num_tasks == 3 and len(net.heads.heads) == 3
+    for t in range(3):
+        assert all(float(d.detach().abs().max()) > 0 for d in net.pool.deltas(t).values())  # B = 0 at init: no test
+        assert all(p.requires_grad == (t == 2) for p in net.pool.task_parameters(t))
+    assert all(p.requires_grad for p in plain.parameters())
+    base = dict(net.backbone.named_parameters())
+    assert all(torch.equal(p, base[n]) for n, p in plain.named_parameters())  # θ0 until the benchmark loads τ

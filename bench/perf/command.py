@@ -7,7 +7,8 @@ import sys
 
 from clcompose.strategies.core.registry import ConfigError
 
-WHAT = ("records", "cli", "strategies", "fisher", "scaling", "all")
+WHAT = ("records", "cli", "strategies", "compose", "fisher", "scaling", "all")
+COMPOSE_STYLES = ("lora", "ia3", "full")  # = clcompose.bench.perf.compose.STYLES (not imported: --help stays light)
 
 
 def _list(value: str) -> list:
@@ -17,17 +18,18 @@ def _list(value: str) -> list:
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "perf",
-        help="benchmarks of the suite: records (aggregation), cli (list/--help latency), strategies, fisher, "
-        "scaling, all",
+        help="benchmarks of the suite: records (aggregation), cli (list/--help latency), strategies, compose, "
+        "fisher, scaling, all",
         description="records: aggregation of synthetic records and `bench --help` latency (the default). "
-        "cli, strategies, fisher, scaling, all: write OUT/perf.json and OUT/README.md (see the README's Performance).",
+        "cli, strategies, compose, fisher, scaling, all: write OUT/perf.json and OUT/README.md (see the README's "
+        "Performance).",
     )
     p.add_argument("what", nargs="?", choices=WHAT, default="records")
     g = p.add_argument_group("records")
     g.add_argument("--records", type=int, default=10_000)
     g.add_argument("--help-runs", type=int, default=5, dest="help_runs")
     g.add_argument("--keep", help="keep the synthetic records in this folder")
-    g = p.add_argument_group("cli, strategies, fisher, scaling, all")
+    g = p.add_argument_group("cli, strategies, compose, fisher, scaling, all")
     g.add_argument("--out", default="results/perf", help="folder of perf.json and README.md (default results/perf)")
     g.add_argument("--device", help="cpu (default) or cuda[:N]")
     g.add_argument("--threads", type=int, help="torch threads (default 1)")
@@ -53,6 +55,10 @@ def add_parser(sub) -> None:
     g.add_argument(
         "--scaling-examples-per-experience", type=int, dest="scaling_examples_per_experience", help="default 40"
     )
+    g.add_argument("--compose-styles", type=lambda v: v.split(","), dest="compose_styles", help="default lora,ia3,full")
+    g.add_argument("--compose-tasks", type=_list, dest="compose_tasks", help="task vectors composed (1,5,20)")
+    g.add_argument("--compose-rounds", type=int, dest="compose_rounds", help="interleaved rounds (7)")
+    g.add_argument("--compose-eval-batch", type=int, dest="compose_eval_batch", help="eval batch size (256)")
     g.add_argument("--cli-runs", type=int, dest="cli_runs", help="runs per command (3)")
     g.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_perf)
@@ -66,12 +72,18 @@ def cmd_perf(args: argparse.Namespace) -> int:
     from clcompose.bench.perf.suite import DEFAULTS, main
 
     settings = {k: getattr(args, k, None) for k in DEFAULTS}
-    for key in ("repeats", "threads", "cli_runs", "per_class", "test_per_class", "n_experiences", "epochs"):
+    counts = ("repeats", "threads", "cli_runs", "per_class", "test_per_class", "n_experiences", "epochs")
+    for key in counts + ("compose_rounds", "compose_eval_batch"):
         if settings.get(key) is not None and settings[key] < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
-    for key, least in (("scaling_align_epochs_per_task", 0), ("scaling_experiences", 1)):
+    unknown = sorted(set(settings.get("compose_styles") or ()) - set(COMPOSE_STYLES))
+    if unknown:
+        raise ConfigError(
+            f"--compose-styles: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(COMPOSE_STYLES)}"
+        )
+    for key, least in (("scaling_align_epochs_per_task", 0), ("scaling_experiences", 1), ("compose_tasks", 1)):
         values = settings.get(key)
-        if values is not None and not all(isinstance(v, int) and v >= least for v in values):
+        if values is not None and not (values and all(isinstance(v, int) and v >= least for v in values)):
             raise ConfigError(
                 f"--{key.replace('_', '-')} must be integers >= {least}, got {','.join(map(str, values))}"
             )

@@ -4,8 +4,8 @@ Runs the strategies interleaved in one process (naive, ita, iel, task-arithmetic
 backbone, epochs and optimiser settings of ``examples/default.yaml`` (each strategy with its own options there),
 so that machine noise hits all of them alike. Per experience it reads from the run record: the training wall
 time (which includes each strategy's preparation: the θ0 pass, pre-consolidation and the Fisher), the Fisher's
-seconds, the θ0 pass's seconds, the evaluation time and the diagnostics' seconds (``strategy_extras``, when the
-strategy records them apart), and the breakdown of the training time: θ0 pass, probe + class statistics +
+seconds, the θ0 pass's seconds, the evaluation time (less the diagnostics, which run inside the evaluation) and
+the diagnostics' seconds (``strategy_extras``, when the strategy records them apart), and the breakdown of the training time: θ0 pass, probe + class statistics +
 anchor alignment, Fisher, the rest of the preparation (head Fisher, regulariser set-up), the post-training alignment of the trained heads, the regulariser steps, and the rest
 (the training iterations and everything else), each to set against naive's whole training time; and per run the peak resident memory (Linux: VmHWM, reset before each run through
 /proc/self/clear_refs) or, on CUDA, the peak allocated memory. A measurement, never a test of speed.
@@ -87,7 +87,8 @@ def _peak_memory_mb(device: str) -> float | None:
 
 def experience_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per training step of a run record: train/eval wall seconds and, where recorded, the θ0 pass's,
-    the Fisher's and the diagnostics' seconds (0 when the strategy has none)."""
+    the Fisher's and the diagnostics' seconds (0 when the strategy has none); ``evaluation_s`` is the eval wall
+    time less the diagnostics, which the task-vector strategies run inside it."""
     extras = record.get("strategy_extras") or {}
     prep = {p["experience"]: p for p in extras.get("preparation") or []}
     diagnostics = {d["tasks"]: d["seconds"] for d in extras.get("diagnostics_seconds") or []}  # per task count
@@ -108,6 +109,8 @@ def experience_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             "regularizer_step_s": p.get("regularizer_step_s", 0.0),
             "diagnostics_s": float(diagnostics.get(i + 1, 0.0)),
         }
+        # the diagnostics run inside the evaluation (after its last batch): the evaluation proper is the rest
+        row["evaluation_s"] = round(max(0.0, row["eval_wall_s"] - row["diagnostics_s"]), 4)
         timed = p.get("consolidation_s", theta0) + row["fisher_s"]  # θ0 pass, consolidation and Fisher
         row["other_preparation_s"] = round(max(0.0, row["prepare_s"] - timed), 4)  # head Fisher, regulariser set-up
         apart = row["prepare_s"] + row["align_trained_s"] + row["regularizer_step_s"]
@@ -164,7 +167,8 @@ def measure(
     base = statistics.mean(x["train_wall_s"] for x in rows[strategies[0]])
     summary = {}
     for name, xs in rows.items():
-        mean = {k: statistics.mean(x[k] for x in xs) for k in ("train_wall_s", "eval_wall_s", "theta0_s", "fisher_s")}
+        keys = ("train_wall_s", "eval_wall_s", "evaluation_s", "theta0_s", "fisher_s")
+        mean = {k: statistics.mean(x[k] for x in xs) for k in keys}
         diagnostics = statistics.mean(x["diagnostics_s"] for x in xs)
         summary[name] = {
             "train_wall_per_experience_s": round(mean["train_wall_s"], 3),
@@ -172,7 +176,8 @@ def measure(
             "theta0_per_experience_s": round(mean["theta0_s"], 3),
             "fisher_per_experience_s": round(mean["fisher_s"], 3),
             "fisher_share": round(mean["fisher_s"] / mean["train_wall_s"], 3),
-            "eval_wall_per_experience_s": round(mean["eval_wall_s"], 3),
+            "eval_wall_per_experience_s": round(mean["eval_wall_s"], 3),  # diagnostics included
+            "evaluation_per_experience_s": round(mean["evaluation_s"], 3),  # diagnostics excluded
             "diagnostics_per_experience_s": round(diagnostics, 3),
             "breakdown_per_experience_s": {k: round(statistics.mean(x[k] for x in xs), 3) for k in BREAKDOWN},
             "peak_memory_mb": max((x["peak_memory_mb"] or 0.0) for x in runs[name]) or None,

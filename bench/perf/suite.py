@@ -1,4 +1,4 @@
-"""``bench perf strategies|fisher|scaling|cli|all``: the cost of the suite's strategies, written to JSON + Markdown.
+"""``bench perf strategies|compose|fisher|scaling|cli|all``: the cost of the suite's strategies, written to JSON + Markdown.
 
 - ``strategies``: naive, ITA, IEL and task arithmetic interleaved in one process on the main job
   (:mod:`.strategies`), by default with the reference's exact Fisher over every example of each experience;
@@ -10,8 +10,10 @@
   ``align_epochs_per_task`` · t epochs over samples of every class seen, so experience t costs O(t²) and the
   stream O(T³) by design) and a fixed one (``align_epochs_per_task = 0``); evaluation fills a T × T accuracy
   matrix, so it is also reported per matrix entry;
+- ``compose``: the composed network's forward and training step against a plain network holding the same
+  weights, per tuning style and number of task vectors (:mod:`.compose`);
 - ``cli``: ``bench list`` and ``--help`` latencies, cold and warm (:mod:`.cli`);
-- ``all``: the four.
+- ``all``: the five.
 
 The result goes to ``OUT/perf.json`` (merged with what is there: a benchmark run alone replaces its own
 section) and ``OUT/README.md`` (tables). Timings are of this machine under its load; the ratios are measured
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = 1
-BENCHMARKS = ("strategies", "fisher", "scaling", "cli")
+BENCHMARKS = ("strategies", "compose", "fisher", "scaling", "cli")
 # the experiences table's columns that get a fitted exponent (time ∝ experiences^b)
 EXPONENT_KEYS = ("train_s", "train_per_experience_s", "eval_s", "eval_per_entry_ms", "diagnostics_s", "total_s")
 
@@ -100,7 +102,8 @@ def scaling(settings: dict[str, Any], progress: bool = True) -> dict[str, Any]:
             rec = execute(RunConfig.from_dict(cfg).resolve(), progress=False)
             steps = experience_rows(rec)
             train_s = sum(s["train_wall_s"] for s in steps)
-            eval_s = sum(s["eval_wall_s"] for s in steps)
+            eval_s = sum(s["evaluation_s"] for s in steps)  # the diagnostics apart
+            diagnostics_s = sum(s["diagnostics_s"] for s in steps)
             row = {
                 "align_epochs_per_task": schedule,
                 "experiences": n,
@@ -108,8 +111,8 @@ def scaling(settings: dict[str, Any], progress: bool = True) -> dict[str, Any]:
                 "train_per_experience_s": round(train_s / n, 3),
                 "eval_s": round(eval_s, 3),
                 "eval_per_entry_ms": round(1000 * eval_s / (n * n), 3),  # one entry = one test experience scored
-                "diagnostics_s": round(sum(s["diagnostics_s"] for s in steps), 3),
-                "total_s": round(train_s + eval_s, 3),  # set-up excluded
+                "diagnostics_s": round(diagnostics_s, 3),
+                "total_s": round(train_s + eval_s + diagnostics_s, 3),  # set-up excluded
             }
             rows.append(row)
             if progress:
@@ -158,6 +161,17 @@ def run_benchmarks(what: str, settings: dict[str, Any], progress: bool = True) -
         }
         out["strategies"] = measure(
             settings["strategies"], settings["repeats"], overrides, settings["device"], progress=progress
+        )
+    if "compose" in names:
+        from clcompose.bench.perf import compose
+
+        out["compose"] = compose.measure(
+            settings["compose_styles"],
+            settings["compose_tasks"],
+            settings["compose_rounds"],
+            settings["compose_eval_batch"],
+            settings["device"],
+            progress,
         )
     if "fisher" in names:
         from clcompose.bench.perf import fisher
@@ -217,6 +231,10 @@ DEFAULTS: dict[str, Any] = {
     "scaling_examples_per_experience": 40,
     "scaling_test_per_experience": 20,
     "scaling_backbone_options": {"source": "fmnist", "pretrain_epochs": 1, "width": 8, "input_size": 16},
+    "compose_styles": ["lora", "ia3", "full"],
+    "compose_tasks": [1, 5, 20],
+    "compose_rounds": 7,
+    "compose_eval_batch": 256,  # the runs' eval batch size
     "cli_runs": 3,
     "device": "cpu",
     "threads": 1,
