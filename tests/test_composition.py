@@ -36,6 +36,35 @@ def test_the_functional_forward_equals_a_copied_network_with_those_weights(style
     torch.testing.assert_close(pool(x, [0.7, 0.4]), clone(x))
 
 
+@pytest.mark.parametrize("style", ["full", "lora", "ia3"])
+def test_sums_without_a_graph_equal_the_written_out_sum_bit_for_bit_and_leave_the_parameters(style):
+    pool = pool_with_tasks(style, 3)
+    coeffs = [0.7, 0.0, -0.3]
+    params = [p.detach().clone() for p in pool.parameters()]
+    base = {n: w.detach() for n, w in pool.base_weights().items()}
+    deltas = [{n: d.detach() for n, d in pool.deltas(t).items()} for t in range(3)]
+    expected = {}  # the rule written out: 0, then + c_t · τ_t task by task (the product rounded, then the sum)
+    for n in pool.names:
+        acc = torch.zeros_like(base[n])
+        for c, d in zip(coeffs, deltas):
+            if c != 0:
+                acc = acc + c * d[n]
+        expected[n] = acc
+    with torch.no_grad():
+        in_place = pool.delta_sum(coeffs)
+        weights = pool.weights(coeffs)
+        extra = pool.weights(coeffs, extra=deltas[0])
+    detached = pool.delta_sum(coeffs, detach=True)  # gradient mode on, but nothing to differentiate
+    for n in pool.names:
+        assert torch.equal(in_place[n], expected[n]) and torch.equal(detached[n], expected[n])
+        assert not detached[n].requires_grad
+        assert torch.equal(weights[n], base[n] + expected[n] + 0)
+        assert torch.equal(extra[n], base[n] + expected[n] + deltas[0][n])
+    with_graph = pool.weights(coeffs)  # gradient mode: the graph-keeping sum, the same values
+    assert all(with_graph[n].requires_grad and torch.equal(with_graph[n], weights[n]) for n in pool.names)
+    assert all(torch.equal(p, q) for p, q in zip(pool.parameters(), params))  # no parameter was written to
+
+
 def test_coefficient_zero_removes_a_module_exactly():
     pool = pool_with_tasks("lora", 3)
     without = pool.weights([0.25, 0.0, 0.5])

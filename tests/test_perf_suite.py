@@ -134,6 +134,12 @@ def test_bench_perf_all_at_a_tiny_scale_writes_the_json_and_the_tables(tmp_path,
     assert bench_main(["perf", "cli", "--out", str(out), "--cli-runs", "1", "--quiet"]) == 0
     again = json.loads((out / "perf.json").read_text())
     assert again["strategies"] == data["strategies"] and again["scaling"] == data["scaling"] and "cli" in again
+    # each section keeps the command, commit and machine that measured it; the page names the older ones
+    assert again["cli"]["measured"]["command"].startswith("bench perf cli")
+    assert again["strategies"]["measured"]["command"].startswith("bench perf all")
+    assert set(again["strategies"]["measured"]) == {"command", "created", "code", "machine", "settings"}
+    page = (out / "README.md").read_text()
+    assert page.count("Measured apart, by `bench perf all") == 4 and "Measured apart, by `bench perf cli" not in page
     capsys.readouterr()
 
 

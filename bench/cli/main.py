@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     are one ``bench: error:`` line and exit code 2; output into a closed pipe (``bench status | head``) ends
     quietly with 141 (128 + SIGPIPE)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given (records name it)
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, not at exit: a closed pipe is then handled below

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from clcompose.strategies.core.registry import ConfigError
@@ -89,4 +90,10 @@ def cmd_perf(args: argparse.Namespace) -> int:
             )
     if args.device is not None and not (args.device == "cpu" or args.device.startswith("cuda")):
         raise ConfigError(f"--device must be cpu or cuda[:N], got {args.device!r}")
-    return main(args.what, args.out, settings, command="bench " + " ".join(sys.argv[1:]), progress=not args.quiet)
+    return main(
+        args.what,
+        args.out,
+        settings,
+        command=shlex.join(["bench", *getattr(args, "argv", sys.argv[1:])]),
+        progress=not args.quiet,
+    )

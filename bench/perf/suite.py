@@ -16,7 +16,8 @@
 - ``all``: the five.
 
 The result goes to ``OUT/perf.json`` (merged with what is there: a benchmark run alone replaces its own
-section) and ``OUT/README.md`` (tables). Timings are of this machine under its load; the ratios are measured
+section; each section keeps the command, time, commit and machine that measured it, under ``measured``) and
+``OUT/README.md`` (tables). Timings are of this machine under its load; the ratios are measured
 side by side in one process and are what counts.
 """
 
@@ -246,12 +247,18 @@ def main(what: str, out: Path, settings: dict[str, Any], command: str = "bench p
     ``out/README.md``."""
     from clcompose.bench.io import utc_now
     from clcompose.bench.perf.tables import markdown, write
+    from clcompose.bench.runs.record import git_commit
 
     settings = DEFAULTS | {k: v for k, v in settings.items() if v is not None}
     result: dict[str, Any] = {"schema": SCHEMA, "created": utc_now(), "command": command}
-    result.update(run_benchmarks(what, settings, progress))
+    sections = run_benchmarks(what, settings, progress)
     result["machine"] = machine(settings["device"])
     result["settings"] = settings
+    code = git_commit()
+    for section in sections.values():  # perf.json merges sections from several commands: each keeps its own
+        section["measured"] = {"command": command, "created": result["created"], "code": code}
+        section["measured"] |= {"machine": result["machine"], "settings": settings}
+    result.update(sections)
     path, page = write(result, Path(out))
     print(markdown(result))
     print(f"→ {path}, {page}")

@@ -8,6 +8,8 @@ from typing import Any
 
 from clcompose.bench.io import write_text_atomic
 
+TOP_LEVEL = ("schema", "created", "command", "machine", "settings")  # perf.json's keys that are not sections
+
 
 def _fmt(v: Any, digits: int = 2) -> str:
     if v is None:
@@ -58,7 +60,21 @@ def _breakdown(summary: dict[str, Any], first: str) -> list[str]:
     return lines + _table(["strategy", "train s/exp"] + [h for h, _ in BREAKDOWN_COLUMNS], rows) + [""]
 
 
-def _compose(c: dict[str, Any] | None) -> list[str]:
+def _provenance(section: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    """A line naming the command, commit and machine load of a section measured apart from the page's command."""
+    m = section.get("measured")
+    if not m or m.get("command") == result.get("command"):
+        return []
+    code = (m.get("code") or {}).get("commit")
+    load = (m.get("machine") or {}).get("load_average")
+    return [
+        f"Measured apart, by `{m['command']}` at {m.get('created')}"
+        f"{f', code {code[:7]}' if code else ''}{f', load average {load} at the end' if load else ''}.",
+        "",
+    ]
+
+
+def _compose(c: dict[str, Any] | None, result: dict[str, Any]) -> list[str]:
     """The composed network's forward and training step against a plain network's."""
     if not c:
         return []
@@ -66,6 +82,7 @@ def _compose(c: dict[str, Any] | None) -> list[str]:
         f"## Composed forward against a plain forward ({c['backbone']}, eval batch {c['eval_batch']}, training "
         f"batch {c['train_batch']}, median of {c['rounds']} interleaved rounds)",
         "",
+        *_provenance(c, result),
         "Evaluation: the composed network (θ0 + Σ_t τ_t / T materialised once per evaluation, cached, run through "
         "`functional_call`) against a plain copy of the backbone holding the same weights, on one batch; the "
         "materialisation, paid once per evaluation, in units of that plain forward; the largest difference of "
@@ -89,7 +106,8 @@ def _compose(c: dict[str, Any] | None) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     """Tables of every section present in ``result``."""
-    lines = ["# Performance of the suite", "", f"Measured by `{result.get('command', 'bench perf')}`.", ""]
+    lines = ["# Performance of the suite", "", f"Measured by `{result.get('command', 'bench perf')}`", ""]
+    lines[-2] += " (the latest command; a section that another command measured says so under its heading)."
     m = result.get("machine") or {}
     lines += [
         f"Machine: {m.get('cpus')} CPUs ({m.get('torch_threads')} torch thread(s)), device {m.get('device')}"
@@ -105,6 +123,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"## Strategies side by side ({s['benchmark']}, {s['backbone']}, {s['repeats']} repeat(s), "
             f"overrides {json.dumps(s['overrides'])})",
             "",
+            *_provenance(s, result),
             "Per experience: training wall time (preparation included), relative to naive; of it, the θ0 pass and "
             "the Fisher; evaluation (its wall time less the diagnostics, which run inside it) and diagnostics, both "
             "recorded apart from training; peak memory of the run.",
@@ -128,7 +147,7 @@ def markdown(result: dict[str, Any]) -> str:
         header = ["strategy", "train s/exp", f"× {first}", "θ0 pass s", "Fisher s", "Fisher share", "eval s/exp"]
         lines += _table(header + ["diagnostics s/exp", "peak MB", "final acc"], rows) + [""]
         lines += _breakdown(s["summary"], first)
-    lines += _compose(result.get("compose"))
+    lines += _compose(result.get("compose"), result)
     f = result.get("fisher")
     if f:
         modes = [k[len("batched_vs_floor_") :] for k in f["rows"][0] if k.startswith("batched_vs_floor_")]
@@ -136,6 +155,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"## Fisher per example against one batched forward + backward per label ({f['backbone']}, "
             f"{f['classes']} classes, median of {f['repeats']})",
             "",
+            *_provenance(f, result),
         ]
         header = ["examples"] + [f"{m} batched s" for m in modes] + [f"{m} × floor" for m in modes]
         header += [f"{m} ms/example" for m in modes]
@@ -154,6 +174,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"## Scaling: exact Fisher against examples ({fs['backbone']}, {fs['classes']} classes), fitted exponent "
             f"{_fmt(fs['exponent'])}",
             "",
+            *_provenance(sc, result),
         ]
         lines += _table(
             ["examples", "Fisher s", "s per 1000 examples"],
@@ -204,6 +225,7 @@ def markdown(result: dict[str, Any]) -> str:
     c = result.get("cli")
     if c:
         lines += [f"## Command-line latency (median of {c['runs']}; cold: empty caches, every module recompiled)", ""]
+        lines += _provenance(c, result)
         lines += _table(["command", "cold s", "warm s"], [[r["command"], r["cold_s"], r["warm_s"]] for r in c["rows"]])
         lines.append("")
     return "\n".join(lines)
@@ -219,6 +241,10 @@ def write(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
             merged = json.loads(path.read_text())
         except ValueError:
             merged = {}
+    top = {k: merged.get(k) for k in ("command", "created", "machine", "settings")}
+    for key, section in merged.items():  # sections of a file written before sections kept their own provenance
+        if key not in TOP_LEVEL and isinstance(section, dict) and "measured" not in section and top["command"]:
+            section["measured"] = top
     merged.update(result)
     write_text_atomic(path, json.dumps(merged, indent=1, ensure_ascii=False) + "\n")
     page = out / "README.md"
