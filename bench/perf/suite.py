@@ -254,7 +254,7 @@ def main(what: str, out: Path, settings: dict[str, Any], command: str = "bench p
     sections = run_benchmarks(what, settings, progress)
     result["machine"] = machine(settings["device"])
     result["settings"] = settings
-    code = git_commit()
+    code = result["code"] = git_commit()
     for section in sections.values():  # perf.json merges sections from several commands: each keeps its own
         section["measured"] = {"command": command, "created": result["created"], "code": code}
         section["measured"] |= {"machine": result["machine"], "settings": settings}

@@ -8,7 +8,7 @@ from typing import Any
 
 from clcompose.bench.io import write_text_atomic
 
-TOP_LEVEL = ("schema", "created", "command", "machine", "settings")  # perf.json's keys that are not sections
+TOP_LEVEL = ("schema", "created", "command", "code", "machine", "settings")  # perf.json's keys that are not sections
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -107,6 +107,9 @@ def _compose(c: dict[str, Any] | None, result: dict[str, Any]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     """Tables of every section present in ``result``."""
     lines = ["# Performance of the suite", "", f"Measured by `{result.get('command', 'bench perf')}`", ""]
+    code = (result.get("code") or {}).get("commit")
+    if code:
+        lines[-2] += f" at code {code[:7]}{' with local changes' if result['code'].get('dirty') else ''}"
     lines[-2] += " (the latest command; a section that another command measured says so under its heading)."
     m = result.get("machine") or {}
     lines += [
@@ -241,7 +244,7 @@ def write(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
             merged = json.loads(path.read_text())
         except ValueError:
             merged = {}
-    top = {k: merged.get(k) for k in ("command", "created", "machine", "settings")}
+    top = {k: merged.get(k) for k in ("command", "created", "code", "machine", "settings")}
     for key, section in merged.items():  # sections of a file written before sections kept their own provenance
         if key not in TOP_LEVEL and isinstance(section, dict) and "measured" not in section and top["command"]:
             section["measured"] = top
