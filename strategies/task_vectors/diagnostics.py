@@ -45,7 +45,7 @@ def fisher_weighted_spread(
 ) -> float:
     """½ Σ_t w_t ‖τ_t − c‖²_F about c = τ_P = Σ_t w_t τ_t (or the given ``center``); ``deltas`` is (T, P),
     ``fisher`` (P,) or None (= identity)."""
-    w = torch.as_tensor(list(weights), dtype=deltas.dtype)
+    w = torch.as_tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
     center = (w[:, None] * deltas).sum(0) if center is None else center
     diff2 = (deltas - center).pow(2)
     if fisher is not None:

@@ -1,0 +1,133 @@
+"""The GPU code paths without a GPU: every strategy's `bench run` with ``device: cuda`` on an emulated CUDA
+device (tests/fake_cuda.py) finishes and gives the CPU run's accuracy matrix, and the emulation itself rejects
+what CUDA rejects. Before this test, ITA, IEL, task arithmetic, the linear probe and MagMax crashed at their
+first classifier alignment or diagnostics row on any GPU (CPU samples against cuda heads)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from clcompose.bench.runs.run import run
+from clcompose.strategies.task_vectors.consolidation import ClassGaussians, align_classifier
+from clcompose.strategies.task_vectors.diagnostics import fisher_weighted_spread
+from tests.fake_cuda import FakeCudaTensor, fake_cuda
+from tests.test_competitors_vit import CONFIG as VIT
+from tests.test_ita_iel import config as ita_config
+from tests.test_ita_iel import preset_config
+from tests.test_run import small
+from tests.test_teacher_runs import META
+from tests.test_teacher_runs import _config as teacher_config
+from tests.test_template_strategies import tiny as template_config
+
+
+def test_the_emulated_device_rejects_what_cuda_rejects_and_keeps_modules_parameters():
+    with fake_cuda():
+        assert torch.cuda.is_available()
+        lin = torch.nn.Linear(3, 2)
+        weight = lin.weight
+        lin.to("cuda")
+        assert lin.weight is weight and lin.weight.device == torch.device("cuda", 0)  # same Parameter, moved
+        assert isinstance(lin.weight, torch.nn.Parameter) and isinstance(lin.weight, FakeCudaTensor)
+        x = torch.randn(4, 3, device="cuda")
+        assert x.is_cuda and x.cpu().device.type == "cpu" and not isinstance(x.cpu(), FakeCudaTensor)
+        with pytest.raises(RuntimeError, match="found at least two devices, cuda:0 and cpu"):
+            lin(torch.randn(4, 3))
+        with pytest.raises(RuntimeError, match="Expected a 'cuda' device type for generator"):
+            torch.randn(3, device="cuda", generator=torch.Generator())
+        with pytest.raises(TypeError, match="can't convert cuda:0 device type tensor to numpy"):
+            x.numpy()
+        assert (x * torch.tensor(2.0)).is_cuda  # a 0-dim CPU tensor is a scalar, as on CUDA
+        assert x[torch.tensor([0, 2])].shape == (2, 3)  # CPU indices into a cuda tensor, as on CUDA
+        lin(x).square().sum().backward()
+        assert lin.weight.grad.is_cuda
+        want = torch.nn.functional.linear(x.cpu(), lin.weight.detach().cpu(), lin.bias.detach().cpu())
+        assert torch.equal(lin(x).detach().cpu(), want)  # the same CPU kernels
+    assert not torch.cuda.is_available()
+
+
+def test_classifier_alignment_trains_heads_on_the_gpu_from_cpu_drawn_samples_bit_for_bit():
+    """The samples come from a CPU generator (the reproducible stream); the heads may live on the GPU."""
+    from clcompose.strategies.core.heads import ExperienceHeads
+
+    torch.manual_seed(0)
+    feats, labels = torch.randn(60, 5), torch.arange(6).repeat(10)
+    stats = ClassGaussians()
+    stats.fit(feats, labels)
+    heads = ExperienceHeads(5)
+    heads.add_head([0, 1, 2], generator=torch.Generator().manual_seed(1))
+    heads.add_head([3, 4, 5], generator=torch.Generator().manual_seed(2))
+    cpu = copy.deepcopy(heads)
+    kwargs = dict(epochs=3, lr=0.1, per_class=8, temperature=0.5, batch_size=16)
+    align_classifier(cpu, stats, generator=torch.Generator().manual_seed(3), **kwargs)
+    with fake_cuda():
+        heads.to("cuda")
+        align_classifier(heads, stats, generator=torch.Generator().manual_seed(3), **kwargs)
+        assert all(p.is_cuda for p in heads.parameters())
+        for a, b in zip(cpu.parameters(), heads.parameters()):
+            assert torch.equal(a, b.detach().cpu())
+        deltas, fisher = torch.randn(3, 7), torch.rand(7)
+        on_gpu = fisher_weighted_spread(deltas.to("cuda"), [0.2, 0.3, 0.5], fisher.to("cuda"))
+    assert on_gpu == fisher_weighted_spread(deltas, [0.2, 0.3, 0.5], fisher)  # the diagnostics' spread row
+
+
+def _vit(strategy: str, **options) -> dict:
+    cfg = json.loads(json.dumps(VIT)) | {"strategy": strategy, "strategy_options": options}
+    cfg["benchmark_options"]["n_experiences"] = 2
+    return cfg
+
+
+def _one_epoch(cfg: dict) -> dict:
+    cfg["train"]["epochs"] = 1
+    return cfg
+
+
+VIT_TASK_VECTORS = {
+    "probe_epochs": 1,
+    "align_epochs": 1,
+    "align_epochs_per_task": 1,
+    "fisher_max_examples": 16,
+    "diagnostics_examples": 10,
+}
+
+CASES = {
+    "naive": lambda: _one_epoch(small("naive")),
+    "naive, 2 loader workers": lambda: small("naive", train={"workers": 2, "epochs": 1}),
+    "ewc": lambda: _one_epoch(small("ewc")),
+    "lwf": lambda: _one_epoch(small("lwf")),
+    "der++": lambda: _one_epoch(small("der++")),
+    "joint": lambda: _one_epoch(small("joint")),
+    "slca": lambda: _one_epoch(small("slca")),
+    "magmax": lambda: _one_epoch(small("magmax")),
+    "linear-probe": lambda: _one_epoch(small("linear-probe")),
+    "task-arithmetic": lambda: _one_epoch(small("task-arithmetic")),
+    "ita, reference preset, lora": lambda: preset_config("ita", tuning="lora"),
+    "ita, reference preset, full": lambda: preset_config("ita", tuning="full"),
+    "ita, proximal step, sampled Fisher": lambda: preset_config(
+        "ita", tuning="lora", reg_step="proximal", fisher="sampled"
+    ),
+    "iel, reference preset, lora": lambda: preset_config("iel", tuning="lora"),
+    "ita, ia3": lambda: ita_config("ita", tuning="ia3"),
+    "template-finetune": lambda: template_config("template-finetune"),
+    "template-program": lambda: template_config("template-program"),
+    "l2p": lambda: _vit("l2p"),
+    "coda-prompt": lambda: _vit("coda-prompt"),
+    "inflora": lambda: _vit("inflora"),
+    "ita on a ViT": lambda: _vit("ita", **VIT_TASK_VECTORS),
+    "meta-hnet": lambda: teacher_config("teacher-connected", "meta-hnet", strategy_options=META),
+    "meta-anil": lambda: teacher_config("teacher-connected", "meta-anil", strategy_options=META),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_run_on_the_gpu_path_finishes_with_the_cpu_runs_results(case, tmp_path):
+    cfg = CASES[case]()
+    _, cpu = run(cfg, runs_dir=tmp_path / "cpu", progress=False)
+    before = FakeCudaTensor.ops
+    with fake_cuda():
+        _, gpu = run(dict(cfg, device="cuda"), runs_dir=tmp_path / "gpu", progress=False)
+    assert gpu["status"] == "complete" and gpu["config"]["device"] == "cuda"
+    assert FakeCudaTensor.ops - before > 1000  # the run computed on the emulated device, not beside it
+    assert gpu["environment"]["cuda"] == "fake-cuda (CPU)"
+    assert gpu["accuracy_matrix"] == cpu["accuracy_matrix"] and gpu["metrics"] == cpu["metrics"]
