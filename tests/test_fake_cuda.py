@@ -131,3 +131,24 @@ def test_a_run_on_the_gpu_path_finishes_with_the_cpu_runs_results(case, tmp_path
     assert FakeCudaTensor.ops - before > 1000  # the run computed on the emulated device, not beside it
     assert gpu["environment"]["cuda"] == "fake-cuda (CPU)"
     assert gpu["accuracy_matrix"] == cpu["accuracy_matrix"] and gpu["metrics"] == cpu["metrics"]
+
+
+def test_bench_perf_strategies_and_compose_run_on_the_gpu_path_and_name_the_device(tmp_path):
+    from clcompose.bench.cli import main as bench_main
+
+    out = tmp_path / "perf"
+    common = ["--out", str(out), "--device", "cuda", "--quiet"]
+    strategies = ["perf", "strategies", *common, "--strategies", "naive,ita", "--per-class", "3", "--epochs", "1"]
+    strategies += ["--test-per-class", "3", "--n-experiences", "2", "--repeats", "1"]
+    compose = ["perf", "compose", *common, "--compose-styles", "lora", "--compose-tasks", "2", "--compose-rounds", "1"]
+    compose += ["--compose-eval-batch", "4"]
+    before = FakeCudaTensor.ops
+    with fake_cuda():
+        assert bench_main(strategies) == 0 and bench_main(compose) == 0
+    assert FakeCudaTensor.ops - before > 1000
+    data = json.loads((out / "perf.json").read_text())
+    for section in ("strategies", "compose"):
+        measured = data[section]["measured"]
+        assert measured["settings"]["device"] == "cuda" and measured["machine"]["cuda"] == "fake-cuda (CPU)"
+    assert data["strategies"]["summary"]["ita"]["fisher_per_experience_s"] > 0
+    assert data["compose"]["rows"] and all(r["max_abs_logit_diff"] == 0.0 for r in data["compose"]["rows"])

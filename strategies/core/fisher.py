@@ -63,9 +63,10 @@ def fisher_sum(
                 jac = vmap(jacrev(lambda w, x, i: log_prob(w, x)[i]), in_dims=(None, 0, 0))(params, xb, top_i)
                 accumulate(jac, top_p)
             elif mode == "sampled":
-                labels = torch.multinomial(p, samples, replacement=True, generator=generator)  # (B, n)
+                # drawn on the CPU (a CPU generator's stream, the same draws on any device), as per_example does
+                labels = torch.multinomial(p.cpu(), samples, replacement=True, generator=generator).to(p.device)
                 g = vmap(jacrev(lambda w, x, y: log_prob(w, x)[y]), in_dims=(None, 0, 0))(params, xb, labels)
-                accumulate(g, torch.full(labels.shape, 1.0 / samples))
+                accumulate(g, torch.full(labels.shape, 1.0 / samples, device=p.device))
             else:
                 raise ValueError(f"unknown Fisher mode {mode!r}; valid: exact, topk, sampled")
             count += xb.shape[0]
