@@ -80,6 +80,10 @@ class FakeCudaTensor(torch.Tensor):
     def get_device(self):
         return 0
 
+    def __reduce_ex__(self, protocol):  # saved as a cuda tensor is: restored on cuda whatever map_location says
+        rebuild = _rebuild_fake_parameter if getattr(self, "_is_param", False) else _rebuild_fake
+        return rebuild, (self.elem, self.requires_grad)
+
     def tolist(self):  # CUDA allows it (a copy to the host)
         return self.elem.tolist()
 
@@ -128,6 +132,27 @@ class FakeCudaTensor(torch.Tensor):
                     if m.elem is out:
                         return m
         return tree_map(_wrap, out)
+
+
+def _rebuild_fake(elem, requires_grad):
+    out = elem if isinstance(elem, FakeCudaTensor) else FakeCudaTensor(elem)
+    return out.requires_grad_(requires_grad) if out.is_leaf else out
+
+
+def _rebuild_fake_parameter(elem, requires_grad):
+    return torch.nn.Parameter(_rebuild_fake(elem, False), requires_grad)
+
+
+_LOADED_ON_CUDA: set[int] = set()  # data pointers of storages that torch.load's map_location put on cuda
+
+
+_ORIGINAL_REBUILD = torch._utils._rebuild_tensor_v2
+
+
+def _rebuild_tensor(storage, *args, **kwargs):
+    """torch's tensor rebuild (pickled under its name), on cuda when map_location put the storage there."""
+    out = _ORIGINAL_REBUILD(storage, *args, **kwargs)
+    return FakeCudaTensor(out) if storage.nbytes() and storage.data_ptr() in _LOADED_ON_CUDA else out
 
 
 def _unwrap(x):
@@ -219,7 +244,28 @@ def fake_cuda():
 
         return build
 
+    original_storage_to, original_load = torch.UntypedStorage.to, torch.load
+
+    def load(*args, **kwargs):  # tensors whose storage map_location put on cuda come back as cuda tensors
+        if kwargs.get("weights_only", True) is not False:
+            return original_load(*args, **kwargs)  # (weights-only loads resolve torch's rebuild by identity)
+        _LOADED_ON_CUDA.clear()
+        try:
+            with mock.patch("torch._utils._rebuild_tensor_v2", _rebuild_tensor):
+                return original_load(*args, **kwargs)
+        finally:
+            _LOADED_ON_CUDA.clear()
+
+    def storage_to(self, *args, **kwargs):  # torch.load mapping a CPU-saved storage onto cuda
+        device = kwargs.get("device", args[0] if args else None)
+        if _is_cuda(device):
+            _LOADED_ON_CUDA.add(self.data_ptr())
+            return self
+        return original_storage_to(self, *args, **kwargs)
+
     patches = [
+        mock.patch.object(torch.UntypedStorage, "to", storage_to),
+        mock.patch("torch.load", load),
         mock.patch("torch.tensor", from_data(torch.tensor)),
         mock.patch("torch.as_tensor", from_data(torch.as_tensor)),
         mock.patch("torch._has_compatible_shallow_copy_type", compatible),
@@ -241,8 +287,10 @@ def fake_cuda():
         mock.patch("torch.cuda.reset_peak_memory_stats", lambda *a: None),
         mock.patch("torch.cuda.manual_seed", lambda *a: None),
         mock.patch("torch.cuda.manual_seed_all", lambda *a: None),
-        mock.patch("torch.cuda.get_rng_state_all", lambda: []),
+        mock.patch("torch.cuda.get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)]),  # on the CPU
         mock.patch("torch.cuda.set_rng_state_all", lambda *a: None),
+        mock.patch("torch.cuda.get_rng_state", lambda *a, **k: torch.zeros(16, dtype=torch.uint8)),
+        mock.patch("torch.cuda.set_rng_state", lambda *a, **k: None),
         mock.patch("torch.cuda.is_bf16_supported", lambda *a, **k: True),
     ]
     del original_cuda, original_pin

@@ -152,3 +152,54 @@ def test_bench_perf_strategies_and_compose_run_on_the_gpu_path_and_name_the_devi
         assert measured["settings"]["device"] == "cuda" and measured["machine"]["cuda"] == "fake-cuda (CPU)"
     assert data["strategies"]["summary"]["ita"]["fisher_per_experience_s"] > 0
     assert data["compose"]["rows"] and all(r["max_abs_logit_diff"] == 0.0 for r in data["compose"]["rows"])
+
+
+@pytest.mark.parametrize("strategy, k", [("naive", 2), ("task-arithmetic", 3)])  # ITA: mid-experience below
+def test_a_run_on_the_gpu_resumes_from_its_experience_checkpoint_identically(strategy, k, tmp_path, monkeypatch):
+    """Before, torch.load mapped every storage to cuda, the CPU RNG states too: every resume on a GPU failed to
+    read its checkpoint and started the run again from scratch."""
+    from tests.test_resume import CONFIG, Killed, kill_after
+
+    cfg = CONFIG | {"strategy": strategy, "device": "cuda"}
+    with fake_cuda():
+        _, reference = run(cfg, runs_dir=tmp_path / "reference", progress=False)
+        with monkeypatch.context() as m:
+            kill_after(m, k)
+            with pytest.raises(Killed):
+                run(cfg, runs_dir=tmp_path / "interrupted", progress=False)
+        _, resumed = run(cfg, runs_dir=tmp_path / "interrupted", progress=False)
+    assert [r["from_step"] for r in resumed["resumes"]] == [k]  # from the checkpoint, not from scratch
+    assert resumed["accuracy_matrix"] == reference["accuracy_matrix"] and resumed["metrics"] == reference["metrics"]
+
+
+def test_a_run_on_the_gpu_killed_inside_an_experience_resumes_bit_identically(tmp_path, monkeypatch):
+    import dataclasses
+
+    from clcompose.bench.data.fake_folders import write_fake_dataset
+    from clcompose.bench.runs import inside
+    from clcompose.bench.runs.run import execute
+    from tests.test_paper_training import Killed, _config, _untimed
+
+    root = write_fake_dataset("split-imagefolder", tmp_path / "data", per_class=4)
+    cfg = _config(root, "ita", {"virtual_batch": 2}, {"tuning": "lora"})
+    resolved = dataclasses.replace(cfg, device="cuda").resolve()
+    original = inside.InsideExperience.after_training_iteration
+    calls = {"n": 0}
+
+    def kill(self, strategy_, **kwargs):
+        original(self, strategy_, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 13:  # inside experience 2, at a virtual-batch boundary
+            raise Killed
+
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    with fake_cuda():
+        whole = execute(resolved, progress=False, artifacts_dir=tmp_path / "whole")
+        monkeypatch.setattr(inside.InsideExperience, "after_training_iteration", kill)
+        with pytest.raises(Killed):
+            execute(resolved, progress=False, artifacts_dir=tmp_path / "run", checkpoint_path=ckpt)
+        monkeypatch.setattr(inside.InsideExperience, "after_training_iteration", original)
+        resumed = execute(resolved, progress=False, artifacts_dir=tmp_path / "run", checkpoint_path=ckpt)
+    assert any(s.get("resumed_inside") for s in resumed["timing"]["steps"])
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["metrics"] == whole["metrics"]
+    assert _untimed(resumed.get("strategy_extras")) == _untimed(whole.get("strategy_extras"))

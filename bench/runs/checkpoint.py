@@ -107,7 +107,7 @@ def load(path: Path, strategy: Any, device: str = "cpu") -> dict[str, Any]:
             _dill_by_reference() as dill,
             contextlib.redirect_stdout(io.StringIO()),
         ):  # Avalanche prints "Mapping cpu to cpu"
-            payload = torch.load(path, pickle_module=dill, map_location=device, weights_only=False)
+            payload = torch.load(path, pickle_module=dill, map_location=map_location(device), weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"could not read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -125,10 +125,27 @@ def strategy_state(path: Path, device: str = "cpu") -> tuple[dict[str, Any], dic
     import torch
 
     with _dill_by_reference() as dill, contextlib.redirect_stdout(io.StringIO()):
-        payload = torch.load(path, pickle_module=dill, map_location=device, weights_only=False)
+        payload = torch.load(path, pickle_module=dill, map_location=map_location(device), weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a run checkpoint of format {FORMAT}")
     return dict(payload["strategy"].__dict__), payload["loop"]
+
+
+def map_location(device: str):
+    """Where ``torch.load`` puts a checkpoint's storages on a run on ``device``: those saved on the CPU stay there
+    (the RNG states, which torch only accepts on the CPU, and state kept on the CPU on purpose, such as the
+    per-class feature statistics sampled with a CPU generator); those saved on an accelerator go to ``device``
+    (a run checkpointed on one node's cuda:1 resumes on another's cuda:0). Mapping everything to the device made
+    every resume on a GPU fail to restore the RNG states and start the run again from scratch."""
+    if device == "cpu":
+        return "cpu"
+
+    def place(storage, location: str):
+        import torch
+
+        return storage if location == "cpu" else torch.serialization.default_restore_location(storage, device)
+
+    return place
 
 
 def _sidecar(path: Path) -> Path:
