@@ -211,6 +211,9 @@ def fake_cuda():
     original_to, original_cuda, original_pin = torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.pin_memory
 
     def to(self, *args, **kwargs):
+        if kwargs.get("copy"):  # _parse_to does not take it; a copy of what .to gives
+            return to(self, *args, **{k: v for k, v in kwargs.items() if k != "copy"}).clone()
+        kwargs.pop("copy", None)
         device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         if _is_cuda(device) and not isinstance(self, FakeCudaTensor):
             keep = {"dtype": dtype} if dtype is not None else {}

@@ -203,3 +203,15 @@ def test_a_run_on_the_gpu_killed_inside_an_experience_resumes_bit_identically(tm
     assert any(s.get("resumed_inside") for s in resumed["timing"]["steps"])
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["metrics"] == whole["metrics"]
     assert _untimed(resumed.get("strategy_extras")) == _untimed(whole.get("strategy_extras"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_the_gpu_path(precision, tmp_path):
+    """autocast("cuda") and the cuda GradScaler's plumbing (the emulation does not cast, so the numbers are fp32's
+    and are not compared with the CPU run's, which casts under autocast("cpu"))."""
+    cfg = ita_config("task-arithmetic")
+    cfg["train"] |= {"precision": precision, "epochs": 1}
+    with fake_cuda():
+        _, rec = run(dict(cfg, device="cuda"), runs_dir=tmp_path, progress=False)
+    assert rec["status"] == "complete" and rec["config"]["train"]["precision"] == precision
+    assert 0 < rec["metrics"]["final_average_accuracy"] <= 1
