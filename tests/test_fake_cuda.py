@@ -215,3 +215,15 @@ def test_mixed_precision_runs_on_the_gpu_path(precision, tmp_path):
         _, rec = run(dict(cfg, device="cuda"), runs_dir=tmp_path, progress=False)
     assert rec["status"] == "complete" and rec["config"]["train"]["precision"] == precision
     assert 0 < rec["metrics"]["final_average_accuracy"] <= 1
+
+
+def test_checkpoint_storages_saved_on_the_cpu_stay_there_and_device_ones_go_to_the_runs_device(monkeypatch):
+    from clcompose.bench.runs import checkpoint
+
+    assert checkpoint.map_location("cpu") == "cpu"  # a CPU run (or reading a GPU checkpoint on a laptop)
+    calls = []
+    monkeypatch.setattr(torch.serialization, "default_restore_location", lambda s, loc: calls.append(loc) or "moved")
+    place = checkpoint.map_location("cuda:0")
+    storage = torch.zeros(3).untyped_storage()
+    assert place(storage, "cpu") is storage and not calls  # RNG states, CPU-side statistics
+    assert place(storage, "cuda:1") == "moved" and calls == ["cuda:0"]  # saved on another node's cuda:1
