@@ -114,9 +114,7 @@ class FakeCudaTensor(torch.Tensor):
                     "Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu! "
                     f"(in {func}: CPU {[tuple(t.shape) for t in cpu]})"
                 )
-        gen = kwargs.get("generator")
-        if gen is not None and gen.device.type != "cuda":
-            raise RuntimeError(f"Expected a 'cuda' device type for generator but found '{gen.device.type}' (in {func})")
+        _check_generator(kwargs, func)
         if func is aten.copy_.default:
             dst, src = args[0], args[1]
             _unwrap(dst).copy_(_unwrap(src), *args[2:])
@@ -132,6 +130,12 @@ class FakeCudaTensor(torch.Tensor):
                     if m.elem is out:
                         return m
         return tree_map(_wrap, out)
+
+
+def _check_generator(kwargs, func) -> None:
+    gen = kwargs.get("generator")
+    if gen is not None and gen.device.type != "cuda":
+        raise RuntimeError(f"Expected a 'cuda' device type for generator but found '{gen.device.type}' (in {func})")
 
 
 def _rebuild_fake(elem, requires_grad):
@@ -150,7 +154,8 @@ _ORIGINAL_REBUILD = torch._utils._rebuild_tensor_v2
 
 
 def _rebuild_tensor(storage, *args, **kwargs):
-    """torch's tensor rebuild (pickled under its name), on cuda when map_location put the storage there."""
+    """torch's tensor rebuild (in place of it while torch.load runs), on cuda when map_location put the storage
+    there."""
     out = _ORIGINAL_REBUILD(storage, *args, **kwargs)
     return FakeCudaTensor(out) if storage.nbytes() and storage.data_ptr() in _LOADED_ON_CUDA else out
 
@@ -195,9 +200,7 @@ class _FactoryMode(TorchDispatchMode):
         if not any(isinstance(t, FakeCudaTensor) for t in tree_flatten((args, kwargs))[0]) and _is_cuda(
             kwargs.get("device")
         ):
-            gen = kwargs.get("generator")
-            if gen is not None and gen.device.type != "cuda":
-                raise RuntimeError(f"Expected a 'cuda' device type for generator but found '{gen.device.type}'")
+            _check_generator(kwargs, func)
             kwargs["device"] = torch.device("cpu")
             if func is aten._to_copy.default:
                 return _ToFake.apply(func(*args, **kwargs))
@@ -208,19 +211,16 @@ class _FactoryMode(TorchDispatchMode):
 @contextlib.contextmanager
 def fake_cuda():
     """Emulate one CUDA device for the duration (see the module's docstring)."""
-    original_to, original_cuda, original_pin = torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.pin_memory
+    original_to = torch.Tensor.to
 
     def to(self, *args, **kwargs):
         if kwargs.get("copy"):  # _parse_to does not take it; a copy of what .to gives
             return to(self, *args, **{k: v for k, v in kwargs.items() if k != "copy"}).clone()
         kwargs.pop("copy", None)
         device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-        if _is_cuda(device) and not isinstance(self, FakeCudaTensor):
-            keep = {"dtype": dtype} if dtype is not None else {}
-            if memory_format is not None:
-                keep["memory_format"] = memory_format
-            return _ToFake.apply(original_to(self, **keep) if keep else self)
         keep = {k: v for k, v in (("dtype", dtype), ("memory_format", memory_format)) if v is not None}
+        if _is_cuda(device) and not isinstance(self, FakeCudaTensor):
+            return _ToFake.apply(original_to(self, **keep) if keep else self)
         if isinstance(self, FakeCudaTensor) and device is not None and not _is_cuda(device):
             cpu = _FromFake.apply(self)  # C++ sees both on the CPU and would return the wrapper itself
             return original_to(cpu, **keep) if keep else cpu
@@ -230,14 +230,6 @@ def fake_cuda():
 
     def cuda(self, device=None, non_blocking=False, **kwargs):
         return self if isinstance(self, FakeCudaTensor) else _ToFake.apply(self)
-
-    original_compatible = torch._has_compatible_shallow_copy_type
-
-    def compatible(input: torch.Tensor, from_: torch.Tensor) -> bool:  # noqa: A002 (torch's own signature)
-        # a module's .to("cuda") must replace its CPU parameters by wrappers, not set their .data
-        return isinstance(input, FakeCudaTensor) == isinstance(from_, FakeCudaTensor) and original_compatible(
-            input, from_
-        )
 
     def from_data(original):
         def build(data, *args, device=None, **kwargs):  # torch.tensor/as_tensor bypass dispatch modes
@@ -271,7 +263,6 @@ def fake_cuda():
         mock.patch("torch.load", load),
         mock.patch("torch.tensor", from_data(torch.tensor)),
         mock.patch("torch.as_tensor", from_data(torch.as_tensor)),
-        mock.patch("torch._has_compatible_shallow_copy_type", compatible),
         # module.to(device) keeps its Parameter objects (as .data = does across real devices): swap their contents
         mock.patch("torch.__future__.get_swap_module_params_on_conversion", lambda: True),
         mock.patch.object(torch.Tensor, "to", to),
@@ -296,7 +287,6 @@ def fake_cuda():
         mock.patch("torch.cuda.set_rng_state", lambda *a, **k: None),
         mock.patch("torch.cuda.is_bf16_supported", lambda *a, **k: True),
     ]
-    del original_cuda, original_pin
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)

@@ -1,7 +1,8 @@
 """The GPU code paths without a GPU: every strategy's `bench run` with ``device: cuda`` on an emulated CUDA
-device (tests/fake_cuda.py) finishes and gives the CPU run's accuracy matrix, and the emulation itself rejects
-what CUDA rejects. Before this test, ITA, IEL, task arithmetic, the linear probe and MagMax crashed at their
-first classifier alignment or diagnostics row on any GPU (CPU samples against cuda heads)."""
+device (tests/fake_cuda.py) finishes and gives the CPU run's accuracy matrix, resumes from its checkpoints, and
+the emulation itself rejects what CUDA rejects. Before this test, ITA, IEL, task arithmetic, the linear probe and
+MagMax crashed at their first classifier alignment or diagnostics row on any GPU (CPU samples against cuda
+heads), and every resume on a GPU started again from scratch."""
 
 import copy
 import json
@@ -78,11 +79,6 @@ def _vit(strategy: str, **options) -> dict:
     return cfg
 
 
-def _one_epoch(cfg: dict) -> dict:
-    cfg["train"]["epochs"] = 1
-    return cfg
-
-
 VIT_TASK_VECTORS = {
     "probe_epochs": 1,
     "align_epochs": 1,
@@ -92,16 +88,16 @@ VIT_TASK_VECTORS = {
 }
 
 CASES = {
-    "naive": lambda: _one_epoch(small("naive")),
+    "naive": lambda: small("naive", train={"epochs": 1}),
     "naive, 2 loader workers": lambda: small("naive", train={"workers": 2, "epochs": 1}),
-    "ewc": lambda: _one_epoch(small("ewc")),
-    "lwf": lambda: _one_epoch(small("lwf")),
-    "der++": lambda: _one_epoch(small("der++")),
-    "joint": lambda: _one_epoch(small("joint")),
-    "slca": lambda: _one_epoch(small("slca")),
-    "magmax": lambda: _one_epoch(small("magmax")),
-    "linear-probe": lambda: _one_epoch(small("linear-probe")),
-    "task-arithmetic": lambda: _one_epoch(small("task-arithmetic")),
+    "ewc": lambda: small("ewc", train={"epochs": 1}),
+    "lwf": lambda: small("lwf", train={"epochs": 1}),
+    "der++": lambda: small("der++", train={"epochs": 1}),
+    "joint": lambda: small("joint", train={"epochs": 1}),
+    "slca": lambda: small("slca", train={"epochs": 1}),
+    "magmax": lambda: small("magmax", train={"epochs": 1}),
+    "linear-probe": lambda: small("linear-probe", train={"epochs": 1}),
+    "task-arithmetic": lambda: small("task-arithmetic", train={"epochs": 1}),
     "ita, reference preset, lora": lambda: preset_config("ita", tuning="lora"),
     "ita, reference preset, full": lambda: preset_config("ita", tuning="full"),
     "ita, proximal step, sampled Fisher": lambda: preset_config(

@@ -175,8 +175,8 @@ def align_classifier(
     for epoch in range(epochs):
         for g in opt.param_groups:
             g["lr"] = lr * _cosine_factor(epoch, epochs)
-        x, y = stats.sample(classes, per_class, generator)  # drawn on the CPU (the generator's), trained on
-        x, targets = x.to(stacked.weight.device), _positions(seen, y).to(stacked.weight.device)  # the heads' device
+        x, y = stats.sample(classes, per_class, generator)  # drawn on the CPU, with the CPU generator
+        x, targets = x.to(stacked.weight.device), _positions(seen, y).to(stacked.weight.device)  # to the heads
         order = torch.randperm(len(y), generator=generator)
         for idx in _batches(order, batch_size, drop_last):
             logits = F.linear(x[idx], stacked.weight, stacked.bias)  # columns in `seen` order
