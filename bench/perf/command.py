@@ -8,7 +8,7 @@ import sys
 
 from clcompose.strategies.core.registry import ConfigError
 
-WHAT = ("records", "cli", "strategies", "compose", "fisher", "scaling", "all")
+WHAT = ("records", "cli", "strategies", "budgets", "compose", "fisher", "scaling", "all")
 COMPOSE_STYLES = ("lora", "ia3", "full")  # = clcompose.bench.perf.compose.STYLES (not imported: --help stays light)
 
 
@@ -19,10 +19,10 @@ def _list(value: str) -> list:
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "perf",
-        help="benchmarks of the suite: records (aggregation), cli (list/--help latency), strategies, compose, "
-        "fisher, scaling, all",
+        help="benchmarks of the suite: records (aggregation), cli (list/--help latency), strategies, budgets, "
+        "compose, fisher, scaling, all",
         description="records: aggregation of synthetic records and `bench --help` latency (the default). "
-        "cli, strategies, compose, fisher, scaling, all: write OUT/perf.json and OUT/README.md (see the README's "
+        "cli, strategies, budgets, compose, fisher, scaling, all: write OUT/perf.json and OUT/README.md (see the README's "
         "Performance).",
     )
     p.add_argument("what", nargs="?", choices=WHAT, default="records")
@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     g.add_argument("--records", type=int, default=10_000)
     g.add_argument("--help-runs", type=int, default=5, dest="help_runs")
     g.add_argument("--keep", help="keep the synthetic records in this folder")
-    g = p.add_argument_group("cli, strategies, compose, fisher, scaling, all")
+    g = p.add_argument_group("cli, strategies, budgets, compose, fisher, scaling, all")
     g.add_argument("--out", default="results/perf", help="folder of perf.json and README.md (default results/perf)")
     g.add_argument("--device", help="cpu (default) or cuda[:N]")
     g.add_argument("--threads", type=int, help="torch threads (default 1)")
@@ -45,6 +45,12 @@ def add_parser(sub) -> None:
     g.add_argument("--fisher-examples", type=_list, dest="fisher_examples", help="e.g. 64,all")
     g.add_argument("--fisher-classes", type=int, dest="fisher_classes", help="labels of the exact Fisher (10)")
     g.add_argument("--vmap", action="store_true", default=None, help="also time the vmap Fisher (slow)")
+    g.add_argument(
+        "--budget-epochs", type=_list, dest="budget_epochs", help="epoch budgets of `budgets` (default 2,5,20)"
+    )
+    g.add_argument(
+        "--budget-strategies", type=lambda v: v.split(","), dest="budget_strategies", help="default naive,ita,iel"
+    )
     g.add_argument("--scaling-examples", type=_list, dest="scaling_examples", help="default 64,256,1024,all")
     g.add_argument("--scaling-experiences", type=_list, dest="scaling_experiences", help="default 5,10,20")
     g.add_argument(
@@ -82,7 +88,13 @@ def cmd_perf(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--compose-styles: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(COMPOSE_STYLES)}"
         )
-    for key, least in (("scaling_align_epochs_per_task", 0), ("scaling_experiences", 1), ("compose_tasks", 1)):
+    checked = (
+        ("scaling_align_epochs_per_task", 0),
+        ("scaling_experiences", 1),
+        ("compose_tasks", 1),
+        ("budget_epochs", 1),
+    )
+    for key, least in checked:
         values = settings.get(key)
         if values is not None and not (values and all(isinstance(v, int) and v >= least for v in values)):
             raise ConfigError(

@@ -1,7 +1,10 @@
-"""``bench perf strategies|compose|fisher|scaling|cli|all``: the cost of the suite's strategies, written to JSON + Markdown.
+"""``bench perf strategies|budgets|compose|fisher|scaling|cli|all``: the cost of the suite's strategies, written to JSON + Markdown.
 
 - ``strategies``: naive, ITA, IEL and task arithmetic interleaved in one process on the main job
   (:mod:`.strategies`), by default with the reference's exact Fisher over every example of each experience;
+- ``budgets``: naive, ITA and IEL the same way at several epoch budgets (2, 5, 20: the main job's, CropDiseases'
+  and Split CIFAR-100's in the paper), split into the fixed cost per experience and the cost per epoch
+  (:mod:`.budgets`);
 - ``fisher``: the batched Fisher per example against one batched forward + backward per label (:mod:`.fisher`);
 - ``scaling``: Fisher time against the number of examples (64, 256, 1024 and all of one main-job experience) and
   total time against the number of experiences (5, 10, 20 on the 20-class split-mnist5k-animal stream with the
@@ -13,7 +16,7 @@
 - ``compose``: the composed network's forward and training step against a plain network holding the same
   weights, per tuning style and number of task vectors (:mod:`.compose`);
 - ``cli``: ``bench list`` and ``--help`` latencies, cold and warm (:mod:`.cli`);
-- ``all``: the five.
+- ``all``: the six.
 
 The result goes to ``OUT/perf.json`` (merged with what is there: a benchmark run alone replaces its own
 section; each section keeps the command, time, commit and machine that measured it, under ``measured``) and
@@ -31,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = 1
-BENCHMARKS = ("strategies", "compose", "fisher", "scaling", "cli")
+BENCHMARKS = ("strategies", "budgets", "compose", "fisher", "scaling", "cli")
 # the experiences table's columns that get a fitted exponent (time ∝ experiences^b)
 EXPONENT_KEYS = ("train_s", "train_per_experience_s", "eval_s", "eval_per_entry_ms", "diagnostics_s", "total_s")
 
@@ -138,6 +141,15 @@ def scaling(settings: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     }
 
 
+def _overrides(settings: dict[str, Any]) -> dict[str, Any]:
+    """The main job's overrides of the strategies benchmarks: stream size, epochs and ITA/IEL's Fisher."""
+    return {
+        "benchmark_options": {k: settings[k] for k in ("per_class", "test_per_class", "n_experiences") if settings[k]},
+        "train": {"epochs": settings["epochs"]} if settings["epochs"] else {},
+        "strategy_options": {"fisher": settings["fisher"], "fisher_max_examples": settings["fisher_max_examples"]},
+    }
+
+
 def run_benchmarks(what: str, settings: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """The sections of ``what`` (one of :data:`BENCHMARKS` or ``all``) measured with ``settings``."""
     import torch
@@ -152,16 +164,21 @@ def run_benchmarks(what: str, settings: dict[str, Any], progress: bool = True) -
     if "strategies" in names:
         from clcompose.bench.perf.strategies import measure
 
-        strategy_options = {"fisher": settings["fisher"], "fisher_max_examples": settings["fisher_max_examples"]}
-        overrides = {
-            "benchmark_options": {
-                k: settings[k] for k in ("per_class", "test_per_class", "n_experiences") if settings[k]
-            },
-            "train": {"epochs": settings["epochs"]} if settings["epochs"] else {},
-            "strategy_options": strategy_options,
-        }
         out["strategies"] = measure(
-            settings["strategies"], settings["repeats"], overrides, settings["device"], progress=progress
+            settings["strategies"], settings["repeats"], _overrides(settings), settings["device"], progress=progress
+        )
+    if "budgets" in names:
+        from clcompose.bench.perf import budgets
+
+        overrides = _overrides(settings)
+        overrides["train"].pop("epochs", None)  # each budget sets its own
+        out["budgets"] = budgets.measure(
+            settings["budget_epochs"],
+            settings["budget_strategies"],
+            settings["repeats"],
+            overrides,
+            settings["device"],
+            progress=progress,
         )
     if "compose" in names:
         from clcompose.bench.perf import compose
@@ -220,6 +237,8 @@ DEFAULTS: dict[str, Any] = {
     "n_experiences": None,
     "epochs": None,
     "fisher": "exact",
+    "budget_epochs": [2, 5, 20],  # the main job's; the paper's CropDiseases and Split CIFAR-100
+    "budget_strategies": ["naive", "ita", "iel"],
     "fisher_max_examples": None,  # every example of the experience (the reference's setting)
     "fisher_examples": [64, "all"],
     "fisher_classes": 10,

@@ -104,6 +104,40 @@ def _compose(c: dict[str, Any] | None, result: dict[str, Any]) -> list[str]:
     return lines + _table(header, rows) + [""]
 
 
+def _budgets(b: dict[str, Any] | None, result: dict[str, Any]) -> list[str]:
+    """Training time per experience against the epoch budget: the ratios, the fixed/per-epoch split, the fits."""
+    if not b:
+        return []
+    first, target = b["strategies"][0], b["target"]
+    lines = [
+        f"## Cost against the epoch budget ({', '.join(map(str, b['epochs']))} epochs per experience, "
+        f"{b['repeats']} repeat(s), overrides {json.dumps(b['overrides'])})",
+        "",
+        *_provenance(b, result),
+        f"Training time per experience and its ratio to {first}'s, at each budget, measured side by side; its fixed "
+        "part (θ0 pass, probe + statistics + anchor alignment, Fisher, other preparation, post-training alignment: "
+        "none depends on the epochs) and its part per epoch (training iterations and regulariser steps, divided "
+        f"by the epochs). Then, per strategy, time = fixed + per epoch × epochs with the fixed part averaged over the "
+        "budgets and the part per epoch pooled (weighted by the epochs): the ratio it tends to with many epochs, and "
+        f"the budget from which it is within {target} × {first} (– when never).",
+        "",
+    ]
+    rows = [
+        [r["epochs"], r["strategy"], r["train_per_experience_s"], r["relative_to_" + first]]
+        + [r["fixed_per_experience_s"], r["per_epoch_s"], r["fisher_per_experience_s"], r["final_average_accuracy"]]
+        for r in b["rows"]
+    ]
+    header = ["epochs", "strategy", "train s/exp", f"× {first}", "fixed s/exp", "per epoch s", "Fisher s/exp"]
+    lines += _table(header + ["final acc"], rows) + [""]
+    model = [
+        [name, m["fixed_s"], m["per_epoch_s"], m["asymptotic_ratio"], m["epochs_within_target"]]
+        for name, m in b["model"].items()
+    ]
+    header = ["strategy", "fixed s/exp", "s per epoch", f"× {first} at many epochs"]
+    lines += _table(header + [f"epochs to ≤ {target} × {first}"], model) + [""]
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     """Tables of every section present in ``result``."""
     lines = ["# Performance of the suite", "", f"Measured by `{result.get('command', 'bench perf')}`", ""]
@@ -150,6 +184,7 @@ def markdown(result: dict[str, Any]) -> str:
         header = ["strategy", "train s/exp", f"× {first}", "θ0 pass s", "Fisher s", "Fisher share", "eval s/exp"]
         lines += _table(header + ["diagnostics s/exp", "peak MB", "final acc"], rows) + [""]
         lines += _breakdown(s["summary"], first)
+    lines += _budgets(result.get("budgets"), result)
     lines += _compose(result.get("compose"), result)
     f = result.get("fisher")
     if f:
