@@ -1,4 +1,4 @@
-"""``bench perf strategies|compose|fisher|scaling|cli|all`` at a tiny scale: the JSON's schema, finite ratios, the tables
+"""``bench perf strategies|budgets|compose|fisher|scaling|cli|all`` at a tiny scale: the JSON's schema, finite ratios, the tables
 (never a timing threshold)."""
 
 import json
@@ -64,6 +64,60 @@ def test_experience_rows_split_the_training_time_into_the_strategy_phases_and_th
     assert first["evaluation_s"] == 1.0 - 0.25 and second["evaluation_s"] == 0.0
 
 
+def test_break_even_is_the_first_budget_within_the_target_of_the_base():
+    from clcompose.bench.perf.budgets import break_even
+
+    # 10 + E ≤ 1.3 (0 + E)  ⇔  E ≥ 10 / 0.3
+    assert break_even((10.0, 1.0), (0.0, 1.0), 1.3) == pytest.approx(10 / 0.3)
+    assert break_even((1.0, 1.0), (1.0, 1.0), 1.3) == 0.0  # within the target from the start
+    assert break_even((10.0, 1.3), (0.0, 1.0), 1.3) is None  # per epoch as dear as the target allows: never
+    assert break_even((10.0, 2.0), (0.0, 1.0), 1.3) is None
+
+
+def test_budgets_split_each_run_into_its_fixed_and_per_epoch_parts_and_pool_them(monkeypatch):
+    from clcompose.bench.perf import budgets, strategies
+
+    calls = []
+
+    def side_by_side(names, repeats, overrides, device, progress=True, warmup=True):  # hand-made, as measure's
+        calls.append(overrides | {"warmup": warmup})
+        epochs = overrides["train"]["epochs"]
+        naive = {k: 0.0 for k in strategies.BREAKDOWN} | {"rest_s": 2.0 * epochs}
+        ita = naive | {"theta0_s": 1.0, "fisher_s": 3.0, "align_trained_s": 1.0 + epochs / 10}  # the last is noise
+        ita |= {"regularizer_step_s": 0.5 * epochs, "rest_s": 2.0 * epochs}
+        out = {}
+        for name, parts in (("naive", naive), ("ita", ita)):
+            total = sum(parts.values())
+            out[name] = {
+                "train_wall_per_experience_s": total,
+                "relative_to_naive": total / (2.0 * epochs),
+                "fisher_per_experience_s": parts["fisher_s"],
+                "final_average_accuracy": 0.5,
+                "breakdown_per_experience_s": parts,
+            }
+        return {"summary": out}
+
+    monkeypatch.setattr(strategies, "measure", side_by_side)
+    base = {"benchmark_options": {"per_class": 3}, "train": {"batch_size": 8}}
+    b = budgets.measure([2, 8], ["naive", "ita"], 1, base, progress=False)
+    assert [c["train"] for c in calls] == [{"batch_size": 8, "epochs": 2}, {"batch_size": 8, "epochs": 8}]
+    assert [c["warmup"] for c in calls] == [True, False]  # one warm-up for the whole process
+    assert base["train"] == {"batch_size": 8}  # the caller's overrides are left alone
+    ita2, ita8 = (r for r in b["rows"] if r["strategy"] == "ita")
+    assert ita2["fixed_per_experience_s"] == pytest.approx(5.2) and ita2["per_epoch_s"] == pytest.approx(2.5)
+    assert ita8["fixed_per_experience_s"] == pytest.approx(5.8) and ita8["relative_to_naive"] == pytest.approx(
+        25.8 / 16
+    )
+    model = b["model"]
+    assert model["naive"] == {"fixed_s": 0.0, "per_epoch_s": 2.0, "asymptotic_ratio": 1.0, "epochs_within_target": 0.0}
+    # fixed: the mean of 5.2 and 5.8; per epoch: (2.5·2 + 2.5·8) / 10; 5.5 + 2.5 E ≤ 1.3 · 2 E never holds below
+    # E = 5.5 / 0.1
+    assert model["ita"]["fixed_s"] == pytest.approx(5.5) and model["ita"]["per_epoch_s"] == pytest.approx(2.5)
+    assert model["ita"]["asymptotic_ratio"] == 1.25 and model["ita"]["epochs_within_target"] == pytest.approx(55.0)
+    page = tables.markdown({"command": "bench perf budgets", "budgets": b})
+    assert "## Cost against the epoch budget (2, 8 epochs per experience" in page and "| ita | 5.50 | 2.50 |" in page
+
+
 def _finite_numbers(obj):
     if isinstance(obj, dict):
         for v in obj.values():
@@ -83,7 +137,7 @@ def test_bench_perf_all_at_a_tiny_scale_writes_the_json_and_the_tables(tmp_path,
     argv += ["--fisher-classes", "2", "--scaling-examples", "4,8", "--scaling-experiences", "2,4"]
     argv += ["--scaling-examples-per-experience", "8", "--cli-runs", "1", "--quiet"]
     argv += ["--compose-styles", "lora,full", "--compose-tasks", "1,2", "--compose-rounds", "1"]
-    argv += ["--compose-eval-batch", "4"]
+    argv += ["--compose-eval-batch", "4", "--budget-epochs", "1,2", "--budget-strategies", "naive,ita"]
     assert bench_main(argv) == 0
     data = json.loads((out / "perf.json").read_text())
     assert data["schema"] == suite.SCHEMA and set(suite.BENCHMARKS) <= set(data)
@@ -101,6 +155,13 @@ def test_bench_perf_all_at_a_tiny_scale_writes_the_json_and_the_tables(tmp_path,
     ita_parts = summary["ita"]["breakdown_per_experience_s"]
     assert ita_parts["align_trained_s"] > 0 and ita_parts["regularizer_step_s"] > 0 and ita_parts["rest_s"] > 0
     assert summary["naive"]["breakdown_per_experience_s"]["rest_s"] == summary["naive"]["train_wall_per_experience_s"]
+    b = data["budgets"]
+    assert [(r["epochs"], r["strategy"]) for r in b["rows"]] == [(1, "naive"), (1, "ita"), (2, "naive"), (2, "ita")]
+    for r in b["rows"]:  # the two parts add up to the training time (each phase rounded to 1 ms)
+        whole = r["fixed_per_experience_s"] + r["per_epoch_s"] * r["epochs"]
+        assert whole == pytest.approx(r["train_per_experience_s"], abs=1e-2), r
+        assert (r["fixed_per_experience_s"] > 0) == (r["strategy"] == "ita"), r  # naive has no phases of its own
+    assert b["model"]["naive"]["asymptotic_ratio"] == 1.0 and b["model"]["ita"]["fixed_s"] > 0
     row = data["fisher"]["rows"][0]
     assert row["examples"] == 6 and math.isfinite(row["batched_vs_floor_exact"]) and row["batched_vs_floor_exact"] > 0
     sc = data["scaling"]
@@ -130,6 +191,7 @@ def test_bench_perf_all_at_a_tiny_scale_writes_the_json_and_the_tables(tmp_path,
     assert page == tables.markdown(data) and "| ita |" in page and "bench list" in page
     assert "Where the training time per experience goes" in page and "post-training alignment" in page
     assert "## Composed forward against a plain forward" in page and "| lora | 2 |" in page
+    assert "## Cost against the epoch budget (1, 2 epochs per experience" in page
     # a section run alone replaces only its own part of the file
     assert bench_main(["perf", "cli", "--out", str(out), "--cli-runs", "1", "--quiet"]) == 0
     again = json.loads((out / "perf.json").read_text())
@@ -139,7 +201,7 @@ def test_bench_perf_all_at_a_tiny_scale_writes_the_json_and_the_tables(tmp_path,
     assert again["strategies"]["measured"]["command"].startswith("bench perf all")
     assert set(again["strategies"]["measured"]) == {"command", "created", "code", "machine", "settings"}
     page = (out / "README.md").read_text()
-    assert page.count("Measured apart, by `bench perf all") == 4 and "Measured apart, by `bench perf cli" not in page
+    assert page.count("Measured apart, by `bench perf all") == 5 and "Measured apart, by `bench perf cli" not in page
     capsys.readouterr()
 
 
@@ -154,6 +216,8 @@ def test_bad_perf_arguments_are_one_line_errors(capsys):
     assert capsys.readouterr().err.startswith("bench: error: --compose-styles: unknown 'dora'; valid: lora, ia3, full")
     assert bench_main(["perf", "compose", "--compose-tasks", "0,5"]) == 2
     assert capsys.readouterr().err.startswith("bench: error: --compose-tasks must be integers >= 1")
+    assert bench_main(["perf", "budgets", "--budget-epochs", "0,2"]) == 2
+    assert capsys.readouterr().err.startswith("bench: error: --budget-epochs must be integers >= 1")
     assert bench_main(["perf", "compose", "--compose-rounds", "0"]) == 2
     assert capsys.readouterr().err.startswith("bench: error: --compose-rounds must be >= 1")
 

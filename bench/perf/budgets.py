@@ -49,11 +49,11 @@ def measure(
     overrides = overrides or {}
     rows, first = [], strategies[0]
     parts_of: dict[str, list[tuple[float, float, int]]] = {name: [] for name in strategies}  # (fixed, per epochs, E)
-    for budget in epochs:
+    for i, budget in enumerate(epochs):
         if progress:
             print(f"  {budget} epoch(s) per experience", file=sys.stderr)
         run = overrides | {"train": overrides.get("train", {}) | {"epochs": budget}}
-        summary = side_by_side(strategies, repeats, run, device, progress=progress)["summary"]
+        summary = side_by_side(strategies, repeats, run, device, progress=progress, warmup=i == 0)["summary"]
         for name, v in summary.items():
             parts = v["breakdown_per_experience_s"]
             fixed, per_epochs = sum(parts[k] for k in FIXED), sum(parts[k] for k in PER_EPOCH)

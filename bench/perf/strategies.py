@@ -130,6 +130,10 @@ BREAKDOWN = (
 )
 
 
+# the untimed warm-up run of each strategy: the main job's stream at ≤ 10 training and test examples per class, 1 epoch
+WARMUP = {"benchmark_options": {"per_class": 10, "test_per_class": 10}, "train": {"epochs": 1}}
+
+
 def measure(
     strategies: list[str] | tuple[str, ...] = STRATEGIES,
     repeats: int = 1,
@@ -137,13 +141,27 @@ def measure(
     device: str = "cpu",
     sweep: Path | None = None,
     progress: bool = True,
+    warmup: bool = True,
 ) -> dict[str, Any]:
     """Run ``strategies`` interleaved ``repeats`` times on the main job (with ``overrides``) and summarise each
-    strategy relative to the first (naive)."""
+    strategy relative to the first (naive). With ``warmup``, each strategy first runs once, untimed, for one epoch
+    on at most 10 examples per class (:data:`WARMUP`): the first timed run of a process otherwise also pays its
+    one-time costs (reading the data, lazy imports, the allocator's first growth, first calls of each kernel)."""
     from clcompose.bench.runs.config import RunConfig
     from clcompose.bench.runs.run import execute
 
     job, overrides = main_job(sweep), overrides or {}
+    if warmup:
+        stream = job["benchmark_options"] | overrides.get("benchmark_options", {})
+        small = {k: min(v, int(stream.get(k) or v)) for k, v in WARMUP["benchmark_options"].items()}
+        small = overrides | {
+            "benchmark_options": overrides.get("benchmark_options", {}) | small,
+            "train": overrides.get("train", {}) | WARMUP["train"],
+        }
+        for name in strategies:
+            execute(RunConfig.from_dict(run_config(job, name, 0, small, device)).resolve(), progress=False)
+        if progress:
+            print(f"  warmed up: {', '.join(strategies)}", file=sys.stderr)
     rows: dict[str, list[dict]] = {s: [] for s in strategies}
     runs: dict[str, list[dict]] = {s: [] for s in strategies}
     for r in range(repeats):
@@ -191,6 +209,7 @@ def measure(
         "overrides": overrides,
         "device": device,
         "repeats": repeats,
+        "warmup": WARMUP if warmup else None,
         "summary": summary,
         "runs": runs,
         "rows": rows,
