@@ -305,3 +305,36 @@ def test_both_routes_of_the_layer_squares_on_linear_layers_with_and_without_toke
         for d in deltas:
             squares.add(d)
         assert torch.allclose(squares.total(), explicit, rtol=1e-12, atol=1e-12), route
+
+
+def test_a_scratch_buffer_shared_by_layers_gives_the_freshly_allocated_formula_bit_for_bit():
+    """The per-example route writes every layer's chunked gradients into one shared buffer and squares them in
+    place; the sums must be those of forming each chunk's gradients afresh and squaring them, bit for bit, with
+    layers of different sizes alternating on the buffer and a last chunk smaller than the others."""
+    from clcompose.strategies.core.layer_squares import LayerSquares, Scratch
+
+    torch.manual_seed(0)
+    big, small = nn.Linear(6, 9), nn.Conv2d(4, 3, 1)  # tokens as positions; a pointwise conv's pixels
+    xb, xs = torch.randn(5, 7, 6), torch.randn(5, 4, 3, 3)
+    deltas = {big: [torch.randn(5, 7, 9) for _ in range(3)], small: [torch.randn(5, 3, 3, 3) for _ in range(3)]}
+    scratch = Scratch()
+    squares = {
+        m: LayerSquares(m, x, 3, chunk=2, route="per-example", scratch=scratch) for m, x in ((big, xb), (small, xs))
+    }
+    for j in range(3):
+        for m in (big, small):
+            squares[m].add(deltas[m][j])
+
+    def written_out(u, ds):  # u: (B, I, L); each d: (B, O, L)
+        total = torch.zeros(ds[0].shape[1], u.shape[1])
+        for d in ds:
+            for s in range(0, u.shape[0], 2):
+                g = torch.bmm(d[s : s + 2], u[s : s + 2].transpose(1, 2))
+                total += g.pow(2).sum(0)
+        return total
+
+    expected_big = written_out(xb.transpose(1, 2), [d.transpose(1, 2) for d in deltas[big]])
+    expected_small = written_out(xs.flatten(2), [d.flatten(2) for d in deltas[small]])
+    assert torch.equal(squares[big].total(), expected_big)
+    assert torch.equal(squares[small].total(), expected_small.reshape(small.weight.shape))
+    assert scratch._buffer.numel() == 2 * 9 * 6  # the largest chunk's gradients, kept and reused

@@ -114,6 +114,27 @@ whose unfolded input costs more to lay out than it saves beyond 4 positions (mea
 depthwise layers, 1–9 passes, before they had a route of their own)."""
 
 
+class Scratch:
+    """One reusable buffer for the per-example gradients of every layer of a Fisher estimate, which are formed one
+    layer and one chunk at a time. Writing each chunk's (n, O, I) gradients into fresh memory cost as much as the
+    batched matmul that forms them (large allocations come fresh from the system: page faults and zeroed pages),
+    and their square another such allocation; reused, and squared in place, the same numbers take about half the
+    time (measured on ViT-B/16's layers). The buffer grows to the largest chunk it is asked for."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def tensor(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous tensor of ``shape`` with ``like``'s dtype and device, on the buffer."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        b = self._buffer
+        if b is None or b.numel() < numel or b.dtype != like.dtype or b.device != like.device:
+            self._buffer = b = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return b[:numel].view(shape)
+
+
 class LayerSquares:
     """Σ_j Σ_b g_bj², elementwise, of one Linear/Conv2d weight over the examples b of a batch and the backward
     passes j of a Fisher estimate, from the layer's input ``a`` (given once) and one output gradient per pass
@@ -136,10 +157,21 @@ class LayerSquares:
     ``route`` forces one (``"expanded"`` or ``"per-example"``); by default depthwise layers with 2 to kh·kw
     positions take the strided per-example route (measured 2–6× faster than the others on EfficientNet-Lite0's,
     1–9 passes), and other layers the cheaper route whose expanded factors fit in :data:`EXPANDED_MAX_NUMBERS`.
+    The batched matmul writes into ``scratch`` (:class:`Scratch`, shared by the layers of one estimate; by default
+    the layer's own), and every per-example route squares its gradients in place.
     """
 
-    def __init__(self, module: nn.Module, a: torch.Tensor, passes: int, chunk: int = 64, route: str | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        a: torch.Tensor,
+        passes: int,
+        chunk: int = 64,
+        route: str | None = None,
+        scratch: Scratch | None = None,
+    ):
         self.module, self.chunk, self.shape = module, chunk, module.weight.shape
+        self.scratch = scratch if scratch is not None else Scratch()
         batch = a.shape[0]
         if isinstance(module, nn.Linear):  # one group; positions: the tokens of a (B, T, d) input, none of (B, d)
             unfolded = a.unsqueeze(-1) if a.dim() == 2 else a.flatten(1, -2).transpose(1, 2)
@@ -213,8 +245,9 @@ class LayerSquares:
         d = delta.reshape(batch, groups, out, self.positions)
         if self.batched_matmul:
             for s in range(0, batch, self.chunk):
-                g = torch.bmm(d[s : s + self.chunk, 0], self.u[s : s + self.chunk].transpose(1, 2))
-                self.sums[0] += g.pow(2).sum(0)
+                dc, uc = d[s : s + self.chunk, 0], self.u[s : s + self.chunk].transpose(1, 2)
+                g = torch.bmm(dc, uc, out=self.scratch.tensor((dc.shape[0], dc.shape[1], uc.shape[2]), dc))
+                self.sums[0] += g.mul_(g).sum(0)  # x · x: what pow(2) computes, without a second allocation
             return
         if self.weight_gradient:
             self._add_weight_gradients(delta)
@@ -229,7 +262,7 @@ class LayerSquares:
             g = dc[0].unsqueeze(-1) * u[0].unsqueeze(-2)
             for position in range(1, self.positions):
                 g.addcmul_(dc[position].unsqueeze(-1), u[position].unsqueeze(-2))
-            self.sums += g.pow(2).sum(0)
+            self.sums += g.mul_(g).sum(0)
 
     def _add_depthwise(self, delta: torch.Tensor) -> None:
         """Depthwise, no more output positions than kernel taps: g_b[c] = Σ_(oh, ow) δ_b[c, oh, ow] W_b[c, oh, ow] over
@@ -243,7 +276,7 @@ class LayerSquares:
                     window = self.taps.window(x, oh, ow)
                     weight = d[:, :, oh : oh + 1, ow : ow + 1]
                     g = weight * window if g is None else g.addcmul_(weight, window)
-            self.sums += g.pow(2).sum(0).reshape(self.sums.shape)
+            self.sums += g.mul_(g).sum(0).reshape(self.sums.shape)
 
     def _add_weight_gradients(self, delta: torch.Tensor) -> None:
         m = self.module
@@ -257,7 +290,8 @@ class LayerSquares:
                 dilation=m.dilation,
                 groups=n * m.groups,
             )
-            self.sums += g.reshape(n, self.groups, self.out_per_group, self.in_per_group).pow(2).sum(0)
+            g = g.reshape(n, self.groups, self.out_per_group, self.in_per_group)
+            self.sums += g.mul_(g).sum(0)
 
     def total(self) -> torch.Tensor:
         """Σ_j Σ_b g_bj² in the weight's shape."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from clcompose.strategies.core.layer_squares import LayerSquares, UnsupportedLayer, supported
+from clcompose.strategies.core.layer_squares import LayerSquares, Scratch, UnsupportedLayer, supported
 
 __all__ = [
     "LayerCapture",
@@ -132,7 +132,8 @@ def accumulate_fisher(
     names = list(modules)
     with torch.enable_grad():
         vectors = output_vectors(logp.detach(), mode, k, samples, generator)
-        squares = {n: LayerSquares(modules[n], captured[n][0], len(vectors), chunk) for n in names}
+        scratch = Scratch()  # one buffer for every layer's per-example gradients: formed one layer at a time
+        squares = {n: LayerSquares(modules[n], captured[n][0], len(vectors), chunk, scratch=scratch) for n in names}
         outputs = [captured[n][1] for n in names]
         for j, v in enumerate(vectors):
             deltas = torch.autograd.grad(logp, outputs, grad_outputs=v, retain_graph=j < len(vectors) - 1)
