@@ -216,6 +216,8 @@ def test_bad_perf_arguments_are_one_line_errors(capsys):
     assert capsys.readouterr().err.startswith("bench: error: --compose-styles: unknown 'dora'; valid: lora, ia3, full")
     assert bench_main(["perf", "compose", "--compose-tasks", "0,5"]) == 2
     assert capsys.readouterr().err.startswith("bench: error: --compose-tasks must be integers >= 1")
+    assert bench_main(["perf", "budgets", "--budget-strategies", "naive,fine-tune", "--out", "/nonexistent/x"]) == 2
+    assert capsys.readouterr().err.startswith("bench: error: unknown strategy 'fine-tune'; valid: ")
     assert bench_main(["perf", "budgets", "--budget-epochs", "0,2"]) == 2
     assert capsys.readouterr().err.startswith("bench: error: --budget-epochs must be integers >= 1")
     assert bench_main(["perf", "compose", "--compose-rounds", "0"]) == 2

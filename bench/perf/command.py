@@ -100,6 +100,11 @@ def cmd_perf(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--{key.replace('_', '-')} must be integers >= {least}, got {','.join(map(str, values))}"
             )
+    if args.what in ("strategies", "budgets", "all"):  # before any run: a misspelt name fails at once
+        from clcompose.strategies.core.registry import STRATEGIES
+
+        for name in (settings.get("strategies") or []) + (settings.get("budget_strategies") or []):
+            STRATEGIES[name]  # ConfigError: unknown strategy 'name'; valid: …
     if args.device is not None and not (args.device == "cpu" or args.device.startswith("cuda")):
         raise ConfigError(f"--device must be cpu or cuda[:N], got {args.device!r}")
     return main(
