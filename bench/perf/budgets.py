@@ -23,10 +23,10 @@ FIXED = ("theta0_s", "consolidation_s", "fisher_s", "other_preparation_s", "alig
 PER_EPOCH = ("regularizer_step_s", "rest_s")
 
 
-def break_even(fit: tuple[float, float], base: tuple[float, float], target: float) -> float | None:
+def break_even(cost: tuple[float, float], base: tuple[float, float], target: float) -> float | None:
     """The smallest epochs E ≥ 0 with a + b E ≤ target (a₀ + b₀ E), for (fixed, per epoch) = (a, b) of a strategy
     and (a₀, b₀) of the base; None when it never gets there (its per-epoch cost is at or above target × the base's)."""
-    (a, b), (a0, b0) = fit, base
+    (a, b), (a0, b0) = cost, base
     if a <= target * a0:
         return 0.0
     if b >= target * b0:
@@ -74,9 +74,9 @@ def measure(
     for name, mine in parts_of.items():
         fixed = sum(f for f, _, _ in mine) / len(mine)
         models[name] = (fixed, sum(p for _, p, _ in mine) / sum(e for _, _, e in mine))
+    base = models[first]
     model = {}
     for name, (fixed, per_epoch) in models.items():
-        base = models[first]
         even = break_even((fixed, per_epoch), base, target)
         model[name] = {
             "fixed_s": round(fixed, 3),

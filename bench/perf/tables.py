@@ -105,7 +105,8 @@ def _compose(c: dict[str, Any] | None, result: dict[str, Any]) -> list[str]:
 
 
 def _budgets(b: dict[str, Any] | None, result: dict[str, Any]) -> list[str]:
-    """Training time per experience against the epoch budget: the ratios, the fixed/per-epoch split, the fits."""
+    """Training time per experience against the epoch budget: the ratios, the fixed/per-epoch split, the pooled
+    cost model."""
     if not b:
         return []
     first, target = b["strategies"][0], b["target"]

@@ -12,6 +12,8 @@ hooks and builds the Fisher from these squares.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,9 +128,7 @@ class Scratch:
 
     def tensor(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """An uninitialised contiguous tensor of ``shape`` with ``like``'s dtype and device, on the buffer."""
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         b = self._buffer
         if b is None or b.numel() < numel or b.dtype != like.dtype or b.device != like.device:
             self._buffer = b = torch.empty(numel, dtype=like.dtype, device=like.device)
